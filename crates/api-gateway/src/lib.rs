@@ -1,10 +1,19 @@
 //! api-gateway: etcd's v3 gRPC services (tonic) in front of the other layers.
 //!
-//! Writes: validated requests become `Proposal`s sent to raft-node on its command channel; the
-//! applier answers each on its oneshot. Reads: linearizable ones ask raft-node for a ReadIndex
-//! and wait until the applier has applied that far, then read mvcc-store. Watch streams are
-//! served from the watch layer's hub. Every lower-layer error is mapped to etcd's gRPC status
-//! in one place (`errors`).
+//! Writes: validated requests become proposals on raft-node's command channel
+//! (`RaftCommand::Propose` with a oneshot responder the applier answers). Reads: linearizable ones
+//! ask raft-node for a ReadIndex and wait on the applier's applied-index channel, then read
+//! mvcc-store; serializable ones read it directly. Watch streams are served from the watch hub.
+//! Every lower-layer error becomes etcd's gRPC status in one place (`errors`).
 
+pub mod cluster;
+pub mod errors;
+pub mod gateway;
 pub mod header;
+pub mod kv;
+pub mod maintenance;
+pub mod validate;
 pub mod watch_service;
+
+pub use gateway::{Gateway, Limits, ETCD_CLUSTER_VERSION, ETCD_VERSION};
+pub use header::HeaderSource;

@@ -1,0 +1,132 @@
+//! The one place where every layer's error becomes etcd's gRPC status: same code, same text,
+//! so clients that match on etcd's messages (etcdctl, client-go's rpctypes) behave the same.
+
+use applier::{ApplyError, MvccError};
+use raft_node::RaftError;
+use tonic::{Code, Status};
+
+/// Errors detected by the gateway itself, before anything is proposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+}
+
+impl From<GatewayError> for Status {
+    fn from(e: GatewayError) -> Status {
+        use GatewayError::*;
+        let code = match e {
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
+            | RequestTooLarge => Code::InvalidArgument,
+            Timeout | Stopped | NoLeader | LeaderChanged => Code::Unavailable,
+            BadLeaderTransferee => Code::FailedPrecondition,
+            MemberNotFound => Code::NotFound,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+pub fn mvcc_status(e: &MvccError) -> Status {
+    match e {
+        MvccError::Compacted => Status::new(
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted",
+        ),
+        MvccError::FutureRevision => Status::new(
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision",
+        ),
+        MvccError::KeyNotFound => GatewayError::KeyNotFound.into(),
+        MvccError::LeaseNotFound => {
+            Status::new(Code::NotFound, "etcdserver: requested lease not found")
+        }
+        other => Status::new(Code::Internal, other.to_string()),
+    }
+}
+
+impl From<MvccError> for StatusError {
+    fn from(e: MvccError) -> Self {
+        StatusError(mvcc_status(&e))
+    }
+}
+
+impl From<ApplyError> for StatusError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Mvcc(m) => m.into(),
+            other => StatusError(Status::new(Code::Internal, other.to_string())),
+        }
+    }
+}
+
+impl From<RaftError> for StatusError {
+    fn from(e: RaftError) -> Self {
+        StatusError(match e {
+            RaftError::NoLeader => GatewayError::NoLeader.into(),
+            RaftError::Stopped => GatewayError::Stopped.into(),
+            other => Status::new(Code::Unavailable, format!("etcdserver: {other}")),
+        })
+    }
+}
+
+impl From<GatewayError> for StatusError {
+    fn from(e: GatewayError) -> Self {
+        StatusError(e.into())
+    }
+}
+
+/// Lets handlers use `?` on any layer's error; converts into `Status` at the boundary.
+#[derive(Debug)]
+pub struct StatusError(pub Status);
+
+impl From<StatusError> for Status {
+    fn from(e: StatusError) -> Status {
+        e.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_and_codes_match_etcd() {
+        let s = mvcc_status(&MvccError::Compacted);
+        assert_eq!(s.code(), Code::OutOfRange);
+        assert_eq!(
+            s.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
+        let s: Status = GatewayError::DuplicateKey.into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "etcdserver: duplicate key given in txn request");
+        let s: Status = GatewayError::RequestTooLarge.into();
+        assert_eq!(s.message(), "etcdserver: request is too large");
+        let s = mvcc_status(&MvccError::LeaseNotFound);
+        assert_eq!(s.code(), Code::NotFound);
+    }
+}

@@ -1,0 +1,170 @@
+//! What every service needs to reach the layers below: the raft command channel, the store for
+//! reads, the applied index, and this member's identity. Cheap to clone.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use applier::{encode_request, ApplyResponse, MvccStore, Responder};
+use oxcd_proto::etcdserverpb::{InternalRaftRequest, Member, RequestHeader};
+use raft_node::{RaftCommand, RaftStatus};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::errors::{GatewayError, StatusError};
+use crate::header::HeaderSource;
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest encoded request accepted into the log (`--max-request-bytes`).
+    pub max_request_bytes: usize,
+    /// `--max-txn-ops`.
+    pub max_txn_ops: usize,
+    /// How long a client waits for its proposal or read barrier.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 1536 * 1024,
+            max_txn_ops: 128,
+            request_timeout: Duration::from_secs(7),
+        }
+    }
+}
+
+/// The version of etcd whose API this server speaks; clients gate features on it.
+pub const ETCD_VERSION: &str = "3.5.17";
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    raft: mpsc::Sender<RaftCommand<Responder>>,
+    store: MvccStore,
+    applied: watch::Receiver<u64>,
+    headers: HeaderSource,
+    limits: Limits,
+    members: Vec<Member>,
+    next_id: AtomicU64,
+}
+
+impl Gateway {
+    pub fn new(
+        raft: mpsc::Sender<RaftCommand<Responder>>,
+        store: MvccStore,
+        applied: watch::Receiver<u64>,
+        headers: HeaderSource,
+        limits: Limits,
+        members: Vec<Member>,
+    ) -> Self {
+        // Request ids: member id prefix, time, then a counter (unique across restarts in practice).
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let first = ((headers.member_id & 0xffff) << 48) | ((millis & 0xff_ffff_ffff) << 8);
+        Gateway {
+            inner: Arc::new(Inner {
+                raft,
+                store,
+                applied,
+                headers,
+                limits,
+                members,
+                next_id: AtomicU64::new(first),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &MvccStore {
+        &self.inner.store
+    }
+
+    pub fn headers(&self) -> &HeaderSource {
+        &self.inner.headers
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.inner.members
+    }
+
+    /// Sends one request through raft and waits for the applier's answer.
+    pub async fn propose(
+        &self,
+        mut req: InternalRaftRequest,
+    ) -> Result<ApplyResponse, StatusError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        req.id = id;
+        req.header = Some(RequestHeader {
+            id,
+            ..Default::default()
+        });
+        let data = encode_request(&req);
+        if data.len() > self.inner.limits.max_request_bytes {
+            return Err(GatewayError::RequestTooLarge.into());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(RaftCommand::Propose { data, reply: tx }).await?;
+        metrics::gauge!("etcd_server_proposals_pending").increment(1.0);
+        let outcome = tokio::time::timeout(self.inner.limits.request_timeout, rx).await;
+        metrics::gauge!("etcd_server_proposals_pending").decrement(1.0);
+        match outcome {
+            Ok(Ok(result)) => Ok(result?),
+            // raft dropped the proposal (lost leadership, or it was superseded in the log).
+            Ok(Err(_)) => {
+                metrics::counter!("etcd_server_proposals_failed_total").increment(1);
+                Err(GatewayError::LeaderChanged.into())
+            }
+            Err(_) => {
+                metrics::counter!("etcd_server_proposals_failed_total").increment(1);
+                Err(GatewayError::Timeout.into())
+            }
+        }
+    }
+
+    /// Linearizable read barrier: learn the commit index through raft (ReadIndex), then wait
+    /// until the applier has applied at least that far.
+    pub async fn read_barrier(&self) -> Result<(), StatusError> {
+        let timeout = self.inner.limits.request_timeout;
+        let (tx, rx) = oneshot::channel();
+        self.send(RaftCommand::ReadIndex { reply: tx }).await?;
+        let index = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) => return Err(GatewayError::Stopped.into()),
+            Err(_) => return Err(GatewayError::Timeout.into()),
+        };
+        let mut applied = self.inner.applied.clone();
+        let waited = tokio::time::timeout(timeout, applied.wait_for(|a| *a >= index)).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(GatewayError::Stopped.into()),
+            Err(_) => Err(GatewayError::Timeout.into()),
+        }
+    }
+
+    pub async fn raft_status(&self) -> Result<RaftStatus, StatusError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(RaftCommand::Status { reply: tx }).await?;
+        rx.await.map_err(|_| GatewayError::Stopped.into())
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        *self.inner.applied.borrow()
+    }
+
+    async fn send(&self, cmd: RaftCommand<Responder>) -> Result<(), StatusError> {
+        self.inner
+            .raft
+            .send(cmd)
+            .await
+            .map_err(|_| GatewayError::Stopped.into())
+    }
+}

@@ -1,0 +1,358 @@
+//! Wiring: flags → data dir → storage → raft-node → applier → watch → api-gateway, each layer a
+//! task or thread joined by typed channels; then serve until SIGTERM/SIGINT and stop in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api_gateway::cluster::ClusterService;
+use api_gateway::kv::KvService;
+use api_gateway::maintenance::MaintenanceService;
+use api_gateway::watch_service::WatchService;
+use api_gateway::{Gateway, HeaderSource, Limits};
+use applier::Applier;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use mvcc_store::{MvccStore, RocksEngine};
+use oxcd_proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+    watch_server::WatchServer, Member,
+};
+use raft_node::{RaftConfig, RaftNode};
+use tokio::sync::{mpsc, watch as tokio_watch};
+
+use crate::config::{parse_url, split_urls, Config, ConfigError};
+use crate::datadir::{DataDir, DataDirError, Identity};
+use crate::http::{self, HttpState};
+use crate::ids;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("storage: {0}")]
+    Storage(#[from] mvcc_store::MvccError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft_node::RaftError),
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Why gRPC requests may be larger than `--max-request-bytes`: the limit applies to the
+/// replicated request; the transport allows headroom so the server can answer with etcd's error.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+pub fn run(cfg: Config) -> Result<(), ServerError> {
+    init_logging(&cfg);
+    for flag in cfg.accepted.set_flags() {
+        tracing::warn!(flag, "flag is accepted for compatibility but has no effect in oxcd yet");
+    }
+    cfg.refuse_unsupported()?;
+    let metrics = install_metrics()?;
+
+    let cluster = cfg.initial_cluster()?;
+    let me = cluster
+        .iter()
+        .find(|(n, _)| *n == cfg.name)
+        .ok_or_else(|| ConfigError::NameNotInCluster {
+            name: cfg.name.clone(),
+        })?;
+    let advertised = split_urls(&cfg.initial_advertise_peer_urls);
+    let (mut a, mut b) = (advertised.clone(), me.1.clone());
+    a.sort();
+    b.sort();
+    if a != b {
+        return Err(ConfigError::PeerUrlsMismatch {
+            name: cfg.name.clone(),
+            advertised,
+            listed: me.1.clone(),
+        }
+        .into());
+    }
+    if cluster.len() > 1 {
+        return Err(ConfigError::MultiMemberUnsupported(cluster.len()).into());
+    }
+    let client_addrs = addrs("listen-client-urls", &cfg.listen_client_urls)?;
+    let metrics_addrs = addrs("listen-metrics-urls", &cfg.listen_metrics_urls)?;
+
+    let data_dir = cfg.data_dir();
+    let dd = DataDir::open(&data_dir)?;
+    let identity = match dd.identity()? {
+        Some(id) => id,
+        None => {
+            let member_id = ids::member_id(&me.1, &cfg.initial_cluster_token);
+            let id = Identity {
+                member_id,
+                cluster_id: ids::cluster_id(&[member_id]),
+            };
+            dd.save_identity(&id)?;
+            id
+        }
+    };
+    tracing::info!(
+        name = %cfg.name,
+        data_dir = %data_dir.display(),
+        member_id = %format!("{:x}", identity.member_id),
+        cluster_id = %format!("{:x}", identity.cluster_id),
+        "starting oxcd"
+    );
+    metrics::gauge!("etcd_server_version", "server_version" => api_gateway::ETCD_VERSION)
+        .set(1.0);
+    metrics::gauge!("etcd_server_id", "server_id" => format!("{:x}", identity.member_id))
+        .set(1.0);
+
+    let engine = RocksEngine::open(&dd.kv_dir())?;
+    let store = MvccStore::open(Arc::new(engine))?;
+    let applied = store.applied_index();
+
+    // Channels between the layers.
+    let (raft_tx, raft_rx) = mpsc::channel(8192);
+    let (committed_tx, committed_rx) = mpsc::channel(1024);
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let (applied_tx, applied_rx) = tokio_watch::channel(applied);
+
+    let election_tick = (cfg.election_timeout / cfg.heartbeat_interval.max(1)).max(2) as usize;
+    let raft_cfg = RaftConfig {
+        id: identity.member_id,
+        voters: vec![identity.member_id],
+        learners: vec![],
+        election_tick,
+        heartbeat_tick: 1,
+        tick_interval: Duration::from_millis(cfg.heartbeat_interval.max(1)),
+        pre_vote: cfg.pre_vote,
+        check_quorum: true,
+        ..RaftConfig::default()
+    };
+    let raft = RaftNode::start(raft_cfg, &dd.wal_dir(), applied, raft_rx, committed_tx)?;
+
+    let applier = Applier::new(store.clone(), events_tx, applied_tx);
+    let applier_thread = std::thread::Builder::new()
+        .name("applier".into())
+        .spawn(move || applier.run(committed_rx))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("oxcd")
+        .build()?;
+    let result = rt.block_on(serve(
+        &cfg,
+        identity,
+        store,
+        raft_tx,
+        applied_rx,
+        events_rx,
+        metrics,
+        client_addrs,
+        metrics_addrs,
+        me.1.clone(),
+    ));
+    // Every sender to raft-node is gone once serve returns: the Ready loop ends, which closes
+    // the committed channel, which ends the applier.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    raft.join();
+    let _ = applier_thread.join();
+    tracing::info!("oxcd stopped");
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    cfg: &Config,
+    identity: Identity,
+    store: MvccStore,
+    raft_tx: mpsc::Sender<raft_node::RaftCommand<applier::Responder>>,
+    applied_rx: tokio_watch::Receiver<u64>,
+    events_rx: mpsc::Receiver<watch::Events>,
+    metrics: PrometheusHandle,
+    client_addrs: Vec<SocketAddr>,
+    metrics_addrs: Vec<SocketAddr>,
+    peer_urls: Vec<String>,
+) -> Result<(), ServerError> {
+    let headers = HeaderSource::new(identity.cluster_id, identity.member_id);
+    let limits = Limits {
+        max_request_bytes: cfg.max_request_bytes as usize,
+        max_txn_ops: cfg.max_txn_ops as usize,
+        request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
+    };
+    let members = vec![Member {
+        id: identity.member_id,
+        name: cfg.name.clone(),
+        peer_ur_ls: peer_urls,
+        client_ur_ls: split_urls(&cfg.advertise_client_urls),
+        is_learner: false,
+    }];
+    let gw = Gateway::new(
+        raft_tx,
+        store.clone(),
+        applied_rx,
+        headers.clone(),
+        limits,
+        members,
+    );
+    let hub = watch::WatchHub::start(
+        Arc::new(StoreHistory(store.clone())),
+        events_rx,
+        watch::WatchConfig::default(),
+    );
+
+    let max_recv = cfg.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
+    let grpc = tonic::service::Routes::new(
+        KvServer::new(KvService::new(gw.clone()))
+            .max_decoding_message_size(max_recv)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        WatchServer::new(WatchService::new(hub, headers.clone()))
+            .max_decoding_message_size(max_recv),
+    )
+    .add_service(MaintenanceServer::new(MaintenanceService::new(gw.clone())))
+    .add_service(ClusterServer::new(ClusterService::new(gw.clone())));
+
+    let state = HttpState {
+        gw: gw.clone(),
+        metrics,
+    };
+    let client_app = grpc.into_axum_router().merge(http::router(state.clone()));
+    let metrics_app = http::router(state);
+
+    let (stop_tx, stop_rx) = tokio_watch::channel(false);
+    let mut servers = Vec::new();
+    for addr in client_addrs {
+        servers.push(listen(addr, client_app.clone(), stop_rx.clone()).await?);
+    }
+    for addr in metrics_addrs {
+        servers.push(listen(addr, metrics_app.clone(), stop_rx.clone()).await?);
+    }
+    tokio::spawn(report_status(gw.clone(), store));
+    tracing::info!("ready to serve client requests");
+
+    wait_for_signal().await;
+    tracing::info!("received shutdown signal, stopping");
+    let _ = stop_tx.send(true);
+    for s in servers {
+        // Long-lived streams (watches) must not hold shutdown hostage.
+        let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
+    }
+    Ok(())
+}
+
+async fn listen(
+    addr: SocketAddr,
+    app: axum::Router,
+    mut stop: tokio_watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, ServerError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Listen { addr, source })?;
+    tracing::info!(%addr, "listening");
+    Ok(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(%addr, error = %e, "server error");
+        }
+    }))
+}
+
+/// Keeps header terms and the gauges dashboards read up to date.
+async fn report_status(gw: Gateway, store: MvccStore) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if let Ok(status) = gw.raft_status().await {
+            gw.headers().set_term(status.term);
+        } else {
+            return;
+        }
+        metrics::gauge!("etcd_mvcc_db_total_size_in_bytes").set(store.db_size() as f64);
+        metrics::gauge!("etcd_mvcc_db_total_size_in_use_in_bytes")
+            .set(store.db_size_in_use() as f64);
+        metrics::gauge!("etcd_debugging_mvcc_keys_total").set(store.keys_total() as f64);
+        metrics::gauge!("etcd_debugging_mvcc_current_revision")
+            .set(store.current_revision() as f64);
+        metrics::gauge!("etcd_debugging_mvcc_compact_revision")
+            .set(store.compact_revision() as f64);
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The watch layer's view of history, served by mvcc-store.
+struct StoreHistory(MvccStore);
+
+impl watch::History for StoreHistory {
+    fn current_revision(&self) -> i64 {
+        self.0.current_revision()
+    }
+    fn compact_revision(&self) -> i64 {
+        self.0.compact_revision()
+    }
+    fn events_since(
+        &self,
+        start_rev: i64,
+        limit: usize,
+    ) -> Result<Vec<oxcd_proto::mvccpb::Event>, watch::HistoryError> {
+        self.0
+            .events_since(start_rev, limit)
+            .map_err(|e| match e {
+                mvcc_store::MvccError::Compacted => watch::HistoryError::Compacted,
+                other => watch::HistoryError::Other(other.to_string()),
+            })
+    }
+}
+
+fn addrs(flag: &'static str, list: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let mut out = Vec::new();
+    for url in split_urls(list) {
+        for a in parse_url(flag, &url)? {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn install_metrics() -> Result<PrometheusHandle, ServerError> {
+    // etcd's disk histograms: 1ms doubling to ~8s.
+    let disk: Vec<f64> = (0..14).map(|i| 0.001 * f64::powi(2.0, i)).collect();
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), &disk)
+        .map_err(|e| ServerError::Metrics(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| ServerError::Metrics(e.to_string()))
+}
+
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let level = match cfg.log_level.as_str() {
+        "panic" | "fatal" => "error",
+        l => l,
+    };
+    let filter = EnvFilter::try_from_env("OXCD_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if cfg.logger == "zap" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
