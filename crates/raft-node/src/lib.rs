@@ -1,1 +1,502 @@
+//! raft-node: a raft-rs `RawNode` driven by the Ready loop, with its log kept in the wal crate.
+//!
+//! Reads: `RaftCommand`s (proposals, read-index requests, status queries, peer messages) from
+//! a tokio mpsc channel. Writes: entries and hard state to the wal (one fsync per Ready: group
+//! commit), messages to peers through a `Transport`, and `Committed` batches, in log order, to
+//! the applier's channel. A proposal's responder travels with its entry so that only the
+//! member that proposed it answers the client.
 
+mod storage;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, StateRole};
+use tokio::sync::{mpsc, oneshot};
+
+use storage::WalStorage;
+
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub id: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub tick_interval: Duration,
+    pub max_inflight_msgs: usize,
+    pub max_size_per_msg: u64,
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            id: 1,
+            voters: vec![1],
+            learners: vec![],
+            election_tick: 10,
+            heartbeat_tick: 1,
+            tick_interval: Duration::from_millis(100),
+            max_inflight_msgs: 256,
+            max_size_per_msg: 1024 * 1024,
+            pre_vote: true,
+            check_quorum: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Normal,
+    ConfChange,
+}
+
+/// A request to the raft layer. `R` is the caller's responder (e.g. a oneshot sender); raft-node
+/// never looks inside it.
+pub enum RaftCommand<R> {
+    /// Answered by the applier via `CommittedEntry::reply` once the entry is applied.
+    Propose {
+        data: Vec<u8>,
+        reply: R,
+    },
+    /// Answered with a commit index that is safe to read at (linearizable reads).
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, RaftError>>,
+    },
+    Status {
+        reply: oneshot::Sender<RaftStatus>,
+    },
+    /// A message from a peer.
+    Step(Box<Message>),
+}
+
+pub struct CommittedEntry<R> {
+    pub index: u64,
+    pub term: u64,
+    pub kind: EntryKind,
+    pub data: Vec<u8>,
+    pub reply: Option<R>,
+}
+
+/// Committed entries in log order, sent on the applier channel.
+pub struct Committed<R> {
+    pub entries: Vec<CommittedEntry<R>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub last_index: u64,
+    pub is_leader: bool,
+}
+
+#[derive(thiserror::Error, Debug)]
+pub enum RaftError {
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("raft: invalid persisted state: {0}")]
+    BadState(String),
+}
+
+/// Delivers raft messages to peers. Single-member clusters send nothing; replication plugs
+/// a network transport in here.
+pub trait Transport: Send + 'static {
+    fn send(&mut self, msgs: Vec<Message>);
+}
+
+/// For a cluster of one: there is nobody to send to.
+pub struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&mut self, msgs: Vec<Message>) {
+        if !msgs.is_empty() {
+            tracing::debug!(count = msgs.len(), "raft: dropping messages, no peers");
+        }
+    }
+}
+
+/// Counters tests and benches read to observe batching.
+#[derive(Debug, Default)]
+pub struct RaftStats {
+    pub wal_appends: AtomicU64,
+    pub proposals: AtomicU64,
+}
+
+pub struct RaftHandle {
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<RaftStats>,
+}
+
+impl RaftHandle {
+    /// Waits for the loop to end (it ends when every command sender is dropped).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub struct RaftNode<R> {
+    raw: RawNode<WalStorage>,
+    transport: Box<dyn Transport>,
+    committed_tx: mpsc::Sender<Committed<R>>,
+    /// Responders of proposals made here, by the id carried in the entry context.
+    pending: HashMap<u64, R>,
+    next_proposal: u64,
+    /// Read-index requests waiting for their read state, by request context.
+    pending_reads: HashMap<u64, Vec<oneshot::Sender<Result<u64, RaftError>>>>,
+    next_read: u64,
+    leader_seen: u64,
+    stats: Arc<RaftStats>,
+}
+
+fn slog_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl<R: Send + 'static> RaftNode<R> {
+    /// Opens the wal in `wal_dir` (bootstrapping a fresh log with cfg.voters as the initial
+    /// ConfState), loads it into raft's storage, and starts the Ready loop on its own OS thread.
+    /// `applied` is the state machine's applied index: entries after it, up to the persisted
+    /// commit, are delivered again on `committed_tx`.
+    pub fn start(
+        cfg: RaftConfig,
+        wal_dir: &Path,
+        applied: u64,
+        commands: mpsc::Receiver<RaftCommand<R>>,
+        committed_tx: mpsc::Sender<Committed<R>>,
+    ) -> Result<RaftHandle, RaftError> {
+        Self::start_with_transport(
+            cfg,
+            wal_dir,
+            applied,
+            commands,
+            committed_tx,
+            Box::new(NoPeers),
+        )
+    }
+
+    pub fn start_with_transport(
+        cfg: RaftConfig,
+        wal_dir: &Path,
+        applied: u64,
+        commands: mpsc::Receiver<RaftCommand<R>>,
+        committed_tx: mpsc::Sender<Committed<R>>,
+        transport: Box<dyn Transport>,
+    ) -> Result<RaftHandle, RaftError> {
+        let storage = WalStorage::open(wal_dir, &cfg.voters, &cfg.learners)?;
+        let applied = storage.clamp_applied(applied)?;
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            applied,
+            max_inflight_msgs: cfg.max_inflight_msgs,
+            max_size_per_msg: cfg.max_size_per_msg,
+            pre_vote: cfg.pre_vote,
+            check_quorum: cfg.check_quorum,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let mut raw = RawNode::new(&raft_cfg, storage, &slog_logger())?;
+        let single = {
+            let cs = raw.store().conf_state();
+            cs.voters == vec![cfg.id] && cs.learners.is_empty()
+        };
+        if single {
+            // Alone, there is nobody to wait for: lead at once instead of after a timeout.
+            raw.campaign()?;
+        }
+        let stats = Arc::new(RaftStats::default());
+        let node = RaftNode {
+            raw,
+            transport,
+            committed_tx,
+            pending: HashMap::new(),
+            next_proposal: 1,
+            pending_reads: HashMap::new(),
+            next_read: 1,
+            leader_seen: 0,
+            stats: stats.clone(),
+        };
+        let tick = cfg.tick_interval;
+        let thread = std::thread::Builder::new()
+            .name("raft-node".into())
+            .spawn(move || node.run(commands, tick))
+            .map_err(|e| RaftError::BadState(format!("spawn raft thread: {e}")))?;
+        Ok(RaftHandle {
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// The loop: wait for a command or a tick, take every queued command (so one Ready, and
+    /// one fsync, covers them all), then handle the Ready.
+    fn run(mut self, mut commands: mpsc::Receiver<RaftCommand<R>>, tick: Duration) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "raft: cannot build loop runtime");
+                return;
+            }
+        };
+        let mut next_tick = Instant::now() + tick;
+        loop {
+            let first = rt.block_on(async {
+                tokio::time::timeout_at(next_tick.into(), commands.recv()).await
+            });
+            match first {
+                Ok(Some(cmd)) => {
+                    self.handle(cmd);
+                    while let Ok(cmd) = commands.try_recv() {
+                        self.handle(cmd);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {}
+            }
+            if Instant::now() >= next_tick {
+                self.raw.tick();
+                next_tick = Instant::now() + tick;
+            }
+            if let Err(e) = self.on_ready() {
+                // The wal could not be written: acknowledging anything further would be a lie.
+                tracing::error!(error = %e, "raft: cannot persist, stopping");
+                break;
+            }
+        }
+        tracing::info!("raft: command channel closed, loop stopped");
+    }
+
+    fn handle(&mut self, cmd: RaftCommand<R>) {
+        match cmd {
+            RaftCommand::Propose { data, reply } => {
+                self.stats.proposals.fetch_add(1, Ordering::Relaxed);
+                let id = self.next_proposal;
+                self.next_proposal += 1;
+                match self.raw.propose(id.to_le_bytes().to_vec(), data) {
+                    Ok(()) => {
+                        self.pending.insert(id, reply);
+                    }
+                    Err(e) => {
+                        // Dropping the responder tells the caller the proposal was not taken.
+                        metrics::counter!("etcd_server_proposals_failed_total").increment(1);
+                        tracing::debug!(error = %e, "raft: proposal dropped");
+                    }
+                }
+            }
+            RaftCommand::ReadIndex { reply } => {
+                if self.raw.raft.leader_id == raft::INVALID_ID {
+                    let _ = reply.send(Err(RaftError::NoLeader));
+                    return;
+                }
+                // Every read arriving before the next Ready shares one read-index round.
+                let ctx = self.next_read;
+                let batch = self.pending_reads.entry(ctx).or_default();
+                if batch.is_empty() {
+                    self.raw.read_index(ctx.to_le_bytes().to_vec());
+                }
+                batch.push(reply);
+            }
+            RaftCommand::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            RaftCommand::Step(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::debug!(error = %e, "raft: step failed");
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> RaftStatus {
+        let r = &self.raw.raft;
+        RaftStatus {
+            id: r.id,
+            leader_id: r.leader_id,
+            term: r.term,
+            commit_index: r.raft_log.committed,
+            last_index: r.raft_log.last_index(),
+            is_leader: r.state == StateRole::Leader,
+        }
+    }
+
+    /// persist → send → apply → advance, as raft-rs requires.
+    fn on_ready(&mut self) -> Result<(), RaftError> {
+        // Close the current read batch: later reads need a new round.
+        if self
+            .pending_reads
+            .get(&self.next_read)
+            .is_some_and(|b| !b.is_empty())
+        {
+            self.next_read += 1;
+        }
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+
+        // Messages that need no local persistence first (a leader's appends go out while it
+        // writes its own copy).
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            self.raw
+                .mut_store()
+                .apply_snapshot(ready.snapshot().clone())?;
+        }
+        self.answer_reads(ready.take_read_states());
+        // raft-rs hands out only entries whose persistence finished, so applying first is safe.
+        self.deliver(ready.take_committed_entries());
+
+        // Persist: every new entry and the hard state in one fsync.
+        let entries = ready.take_entries();
+        let hs = ready.hs().cloned();
+        if !entries.is_empty() || hs.is_some() {
+            let started = Instant::now();
+            self.raw.mut_store().append(&entries, hs.as_ref())?;
+            metrics::histogram!("etcd_disk_wal_fsync_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            self.stats.wal_appends.fetch_add(1, Ordering::Relaxed);
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
+        self.transport.send(light.take_messages());
+        self.deliver(light.take_committed_entries());
+        self.raw.advance_apply();
+        self.observe_leadership();
+        Ok(())
+    }
+
+    fn answer_reads(&mut self, states: Vec<raft::ReadState>) {
+        for rs in states {
+            let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+                continue;
+            };
+            if let Some(waiters) = self.pending_reads.remove(&u64::from_le_bytes(ctx)) {
+                for w in waiters {
+                    let _ = w.send(Ok(rs.index));
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let kind = match e.get_entry_type() {
+                EntryType::EntryNormal => EntryKind::Normal,
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&e);
+                    EntryKind::ConfChange
+                }
+            };
+            let reply = <[u8; 8]>::try_from(e.get_context())
+                .ok()
+                .and_then(|ctx| self.pending.remove(&u64::from_le_bytes(ctx)));
+            out.push(CommittedEntry {
+                index: e.index,
+                term: e.term,
+                kind,
+                data: e.data.to_vec(),
+                reply,
+            });
+        }
+        metrics::gauge!("etcd_server_proposals_committed_total")
+            .set(self.raw.raft.raft_log.committed as f64);
+        if self
+            .committed_tx
+            .blocking_send(Committed { entries: out })
+            .is_err()
+        {
+            tracing::warn!("raft: applier is gone; committed entries not delivered");
+        }
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) {
+        use protobuf::Message as _;
+        let result = if e.get_entry_type() == EntryType::EntryConfChange {
+            let mut cc = ConfChange::default();
+            cc.merge_from_bytes(e.get_data())
+                .map_err(|e| raft::Error::CodecError(e))
+                .and_then(|_| self.raw.apply_conf_change(&cc))
+        } else {
+            let mut cc = ConfChangeV2::default();
+            cc.merge_from_bytes(e.get_data())
+                .map_err(|e| raft::Error::CodecError(e))
+                .and_then(|_| self.raw.apply_conf_change(&cc))
+        };
+        match result {
+            Ok(cs) => {
+                if let Err(err) = self.raw.mut_store().set_conf_state(cs) {
+                    tracing::error!(error = %err, "raft: cannot persist conf state");
+                }
+            }
+            Err(err) => tracing::warn!(index = e.index, error = %err, "raft: bad conf change"),
+        }
+    }
+
+    fn observe_leadership(&mut self) {
+        let leader = self.raw.raft.leader_id;
+        if leader != self.leader_seen {
+            if leader != raft::INVALID_ID {
+                metrics::counter!("etcd_server_leader_changes_seen_total").increment(1);
+            }
+            self.leader_seen = leader;
+            metrics::gauge!("etcd_server_has_leader").set(if leader != raft::INVALID_ID {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        let is_leader = self.raw.raft.state == StateRole::Leader;
+        metrics::gauge!("etcd_server_is_leader").set(if is_leader { 1.0 } else { 0.0 });
+        if !is_leader && !self.pending.is_empty() {
+            // Proposals made while leading may be overwritten by the new leader; their clients
+            // learn "leader changed" rather than waiting for the request timeout.
+            self.pending.clear();
+        }
+    }
+}
+
+/// Builds a raft snapshot value from the wal's marker (for loading at start-up).
+fn snapshot_from_marker(m: &wal::SnapshotMarker) -> Result<Snapshot, RaftError> {
+    let mut s = Snapshot::default();
+    let md = s.mut_metadata();
+    md.index = m.index;
+    md.term = m.term;
+    md.set_conf_state(storage::decode_conf_state(&m.conf_state)?);
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,211 @@
+//! raft-rs storage backed by the wal: an in-memory mirror (raft's `MemStorage`) answers raft's
+//! reads; every change is written to the wal first.
+
+use std::path::Path;
+
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, EntryType, HardState, Snapshot};
+use raft::storage::MemStorage;
+use raft::{GetEntriesContext, RaftState, Storage};
+use wal::{Wal, WalEntry, WalOptions};
+
+use crate::{snapshot_from_marker, RaftError};
+
+pub struct WalStorage {
+    mem: MemStorage,
+    wal: Wal,
+    /// Index of the snapshot the log starts after (kept with conf-state updates).
+    snapshot_index: u64,
+    snapshot_term: u64,
+}
+
+pub fn decode_conf_state(bytes: &[u8]) -> Result<ConfState, RaftError> {
+    let mut cs = ConfState::default();
+    cs.merge_from_bytes(bytes)
+        .map_err(|e| RaftError::BadState(format!("conf state: {e}")))?;
+    Ok(cs)
+}
+
+fn encode_conf_state(cs: &ConfState) -> Vec<u8> {
+    cs.write_to_bytes()
+        .expect("encoding a ConfState cannot fail")
+}
+
+fn to_wal(e: &Entry) -> WalEntry {
+    WalEntry {
+        term: e.term,
+        index: e.index,
+        entry_type: match e.get_entry_type() {
+            EntryType::EntryNormal => wal::EntryType::Normal,
+            EntryType::EntryConfChange => wal::EntryType::ConfChange,
+            EntryType::EntryConfChangeV2 => wal::EntryType::ConfChangeV2,
+        },
+        data: e.data.to_vec(),
+        context: e.context.to_vec(),
+    }
+}
+
+fn from_wal(w: WalEntry) -> Entry {
+    let mut e = Entry::default();
+    e.term = w.term;
+    e.index = w.index;
+    e.set_entry_type(match w.entry_type {
+        wal::EntryType::Normal => EntryType::EntryNormal,
+        wal::EntryType::ConfChange => EntryType::EntryConfChange,
+        wal::EntryType::ConfChangeV2 => EntryType::EntryConfChangeV2,
+    });
+    e.data = w.data.into();
+    e.context = w.context.into();
+    e
+}
+
+impl WalStorage {
+    /// Loads the wal; a fresh one is bootstrapped with the given membership.
+    pub fn open(dir: &Path, voters: &[u64], learners: &[u64]) -> Result<WalStorage, RaftError> {
+        let (mut wal, rec) = Wal::open(dir, WalOptions::default())?;
+        let mem = MemStorage::new();
+        let (snapshot_index, snapshot_term) = match &rec.snapshot {
+            None => {
+                let mut cs = ConfState::default();
+                cs.voters = voters.to_vec();
+                cs.learners = learners.to_vec();
+                // Index 0: no state-machine snapshot, only the initial membership.
+                wal.save_snapshot(&wal::SnapshotMarker {
+                    index: 0,
+                    term: 0,
+                    conf_state: encode_conf_state(&cs),
+                })?;
+                mem.wl().set_conf_state(cs);
+                (0, 0)
+            }
+            Some(m) if m.index == 0 => {
+                mem.wl().set_conf_state(decode_conf_state(&m.conf_state)?);
+                (0, 0)
+            }
+            Some(m) => {
+                mem.wl().apply_snapshot(snapshot_from_marker(m)?)?;
+                (m.index, m.term)
+            }
+        };
+        let entries: Vec<Entry> = rec.entries.into_iter().map(from_wal).collect();
+        let mut hs = HardState::default();
+        hs.term = rec.hard_state.term;
+        hs.vote = rec.hard_state.vote;
+        hs.commit = rec.hard_state.commit;
+        {
+            let mut core = mem.wl();
+            core.append(&entries)?;
+            core.set_hardstate(hs);
+        }
+        Ok(WalStorage {
+            mem,
+            wal,
+            snapshot_index,
+            snapshot_term,
+        })
+    }
+
+    /// The state machine may have applied entries whose commit index never reached the wal
+    /// (commit advances are persisted lazily); everything it applied was committed, so lift the
+    /// commit index to it. An applied index beyond the log means the data dir is inconsistent.
+    pub fn clamp_applied(&self, applied: u64) -> Result<u64, RaftError> {
+        let last = self.mem.last_index()?;
+        if applied > last {
+            return Err(RaftError::BadState(format!(
+                "the store has applied index {applied} but the wal ends at {last}"
+            )));
+        }
+        let mut core = self.mem.wl();
+        if core.hard_state().commit < applied {
+            core.mut_hard_state().commit = applied;
+        }
+        Ok(applied)
+    }
+
+    pub fn conf_state(&self) -> ConfState {
+        self.mem
+            .initial_state()
+            .map(|s| s.conf_state)
+            .unwrap_or_default()
+    }
+
+    /// Writes entries and hard state with one fsync, then mirrors them in memory.
+    pub fn append(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), RaftError> {
+        let wal_entries: Vec<WalEntry> = entries.iter().map(to_wal).collect();
+        let wal_hs = hs.map(|h| wal::HardState {
+            term: h.term,
+            vote: h.vote,
+            commit: h.commit,
+        });
+        self.wal.append(&wal_entries, wal_hs.as_ref())?;
+        let mut core = self.mem.wl();
+        if !entries.is_empty() {
+            core.append(entries)?;
+        }
+        if let Some(h) = hs {
+            core.set_hardstate(h.clone());
+        }
+        Ok(())
+    }
+
+    /// Commit advances seen after persisting; the next hard state write records them.
+    pub fn set_commit(&mut self, commit: u64) {
+        self.mem.wl().mut_hard_state().commit = commit;
+    }
+
+    pub fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), RaftError> {
+        let md = snap.get_metadata();
+        self.wal.save_snapshot(&wal::SnapshotMarker {
+            index: md.index,
+            term: md.term,
+            conf_state: encode_conf_state(md.get_conf_state()),
+        })?;
+        self.snapshot_index = md.index;
+        self.snapshot_term = md.term;
+        self.mem.wl().apply_snapshot(snap)?;
+        Ok(())
+    }
+
+    /// Records a membership change so a restart rebuilds the same configuration.
+    pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), RaftError> {
+        self.wal.save_snapshot(&wal::SnapshotMarker {
+            index: self.snapshot_index,
+            term: self.snapshot_term,
+            conf_state: encode_conf_state(&cs),
+        })?;
+        self.mem.wl().set_conf_state(cs);
+        Ok(())
+    }
+}
+
+impl Storage for WalStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        self.mem.snapshot(request_index, to)
+    }
+}
