@@ -5,9 +5,10 @@
 //! it accepted survives a crash. One `append` call per raft Ready carries every entry of that
 //! Ready, which is how concurrent proposals share one fsync (group commit).
 //!
-//! Format (ours): each segment `NNNNNNNNNNNNNNNN.wal` is a sequence of records
-//! `[len: u32 LE][crc32 of body: u32 LE][body: type u8 + payload]`. A new segment starts with the
-//! current metadata, hard state and snapshot marker, so any suffix of segments recovers alone.
+//! Format (ours): each segment `<seq>-<first index>.wal` (both zero-padded decimal) is a sequence
+//! of records `[len: u32 LE][crc32 of body: u32 LE][body: type u8 + payload]`. A new segment is
+//! built under a temporary name, starts with the current metadata, hard state and snapshot
+//! marker, and is renamed into place once durable, so any suffix of segments recovers alone.
 
 mod record;
 
@@ -87,6 +88,9 @@ pub enum WalError {
         offset: u64,
         reason: String,
     },
+    /// Refused before anything was written: the log would no longer replay contiguously.
+    #[error("wal: entry {index} does not follow the last index {last}")]
+    Gap { index: u64, last: u64 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
@@ -115,27 +119,61 @@ pub struct Wal {
     snapshot: Option<SnapshotMarker>,
     last_index: u64,
     syncs: u64,
+    /// Set once a write or fsync failed: the tail may hold a partial record and the kernel may
+    /// have dropped dirty pages, so appending more could turn a torn tail into mid-log damage
+    /// or acknowledge data that is not on disk. Reopening recovers the durable prefix.
+    broken: Option<String>,
+    /// Test hook: the next write stores only this many bytes, then fails.
+    #[cfg(test)]
+    fail_next_write_after: Option<usize>,
 }
 
-fn segment_path(dir: &Path, seq: u64) -> PathBuf {
-    dir.join(format!("{seq:016}.wal"))
+/// `<seq>-<first index>.wal`: zero-padded so a plain name sort is log order, and the first
+/// entry index a segment may hold is visible without reading it.
+fn segment_path(dir: &Path, seq: u64, first_index: u64) -> PathBuf {
+    dir.join(format!("{seq:016}-{first_index:016}.wal"))
+}
+
+/// A segment is written under this suffix and renamed into place only once its header is
+/// durable, so every `.wal` file starts with a complete header.
+const TMP_SUFFIX: &str = ".tmp";
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".wal")?;
+    let seq = stem.split_once('-').map_or(stem, |(seq, _)| seq);
+    seq.parse().ok()
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
     let mut segs = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if let Some(seq) = name
-            .strip_suffix(".wal")
-            .and_then(|s| s.parse::<u64>().ok())
-        {
+        if let Some(seq) = parse_segment_name(&e.file_name().to_string_lossy()) {
             segs.push((seq, e.path()));
         }
     }
     segs.sort();
     Ok(segs)
+}
+
+/// Deletes half-built segments left by a crash during rotation; they never held an entry.
+fn remove_stale_tmp(dir: &Path) -> Result<(), WalError> {
+    let mut removed = false;
+    for e in fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(TMP_SUFFIX) && name.contains(".wal") {
+            let path = e.path();
+            tracing::warn!(path = %path.display(), "wal: removing unfinished segment");
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            removed = true;
+        }
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
@@ -146,7 +184,8 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
 
 /// Outcome of scanning one segment.
 struct Scan {
-    records: Vec<Record>,
+    /// Each good record with the byte offset it starts at.
+    records: Vec<(u64, Record)>,
     /// Offset just past the last good record.
     good_len: u64,
     /// Whether bytes after `good_len` were a torn write.
@@ -166,7 +205,7 @@ fn scan(path: &Path, data: &[u8], last_segment: bool) -> Result<Scan, WalError> 
                     offset: off as u64,
                     reason,
                 })?;
-                records.push(rec);
+                records.push((off as u64, rec));
                 off = next;
             }
             Err(reason) => {
@@ -194,7 +233,7 @@ fn scan(path: &Path, data: &[u8], last_segment: bool) -> Result<Scan, WalError> 
 }
 
 /// Folds records into the recovered state with raft's truncation rule.
-fn replay(into: &mut Recovered, rec: Record, path: &Path) -> Result<(), WalError> {
+fn replay(into: &mut Recovered, rec: Record, path: &Path, offset: u64) -> Result<(), WalError> {
     match rec {
         Record::Metadata(m) => into.metadata = Some(m),
         Record::HardState(h) => into.hard_state = h,
@@ -214,7 +253,7 @@ fn replay(into: &mut Recovered, rec: Record, path: &Path) -> Result<(), WalError
                 if e.index != last.index + 1 {
                     return Err(WalError::Corrupt {
                         path: path.to_path_buf(),
-                        offset: 0,
+                        offset,
                         reason: format!("entry {} follows entry {}", e.index, last.index),
                     });
                 }
@@ -223,6 +262,22 @@ fn replay(into: &mut Recovered, rec: Record, path: &Path) -> Result<(), WalError
         }
     }
     Ok(())
+}
+
+/// Writes the records that make a segment recoverable without its predecessors.
+fn put_header(
+    buf: &mut Vec<u8>,
+    metadata: Option<&[u8]>,
+    hs: &HardState,
+    snapshot: Option<&SnapshotMarker>,
+) {
+    if let Some(m) = metadata {
+        put_metadata(buf, m);
+    }
+    put_hard_state(buf, hs);
+    if let Some(s) = snapshot {
+        put_snapshot(buf, s);
+    }
 }
 
 impl Wal {
@@ -234,30 +289,21 @@ impl Wal {
         let mut segments = Vec::new();
         let mut tail_len = 0;
         let n = found.len();
+        // Scan everything before touching any file, so a refused log is left exactly as found.
+        let mut torn_tail = None;
         for (i, (seq, path)) in found.into_iter().enumerate() {
             let data = fs::read(&path).map_err(io_err(&path))?;
             let last = i + 1 == n;
             let s = scan(&path, &data, last)?;
             let mut max_index = 0;
-            for rec in s.records {
+            for (offset, rec) in s.records {
                 if let Record::Entry(e) = &rec {
                     max_index = max_index.max(e.index);
                 }
-                replay(&mut recovered, rec, &path)?;
+                replay(&mut recovered, rec, &path, offset)?;
             }
             if s.torn {
-                tracing::warn!(
-                    path = %path.display(),
-                    offset = s.good_len,
-                    dropped = data.len() as u64 - s.good_len,
-                    "wal: truncating torn tail"
-                );
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                f.set_len(s.good_len).map_err(io_err(&path))?;
-                f.sync_all().map_err(io_err(&path))?;
+                torn_tail = Some((path.clone(), s.good_len, data.len() as u64));
             }
             tail_len = s.good_len;
             segments.push(Segment {
@@ -266,9 +312,37 @@ impl Wal {
                 max_index,
             });
         }
-        let fresh = segments.is_empty();
-        if fresh {
-            let path = segment_path(dir, 1);
+        let snap_index = recovered.snapshot.as_ref().map_or(0, |s| s.index);
+        if let Some(first) = recovered.entries.first() {
+            if first.index != snap_index + 1 {
+                // Recovery starts from the oldest segment, so that is where the hole begins.
+                return Err(WalError::Corrupt {
+                    path: segments[0].path.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "entries resume at {} but the snapshot ends at {snap_index}",
+                        first.index
+                    ),
+                });
+            }
+        }
+        if let Some((path, good_len, len)) = torn_tail {
+            tracing::warn!(
+                path = %path.display(),
+                offset = good_len,
+                dropped = len - good_len,
+                "wal: truncating torn tail"
+            );
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            f.set_len(good_len).map_err(io_err(&path))?;
+            f.sync_all().map_err(io_err(&path))?;
+        }
+        remove_stale_tmp(dir)?;
+        if segments.is_empty() {
+            let path = segment_path(dir, 1, 1);
             File::create(&path).map_err(io_err(&path))?;
             sync_dir(dir)?;
             segments.push(Segment {
@@ -279,16 +353,29 @@ impl Wal {
             tail_len = 0;
         }
         let tail = &segments.last().expect("at least one segment").path;
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .append(true)
             .open(tail)
             .map_err(io_err(tail))?;
+        if tail_len == 0 && segments.len() > 1 {
+            // An empty later segment (not one this writer leaves behind, but cheap to mend)
+            // would otherwise carry entries without the state that makes it self-sufficient.
+            let mut buf = Vec::new();
+            put_header(
+                &mut buf,
+                recovered.metadata.as_deref(),
+                &recovered.hard_state,
+                recovered.snapshot.as_ref(),
+            );
+            file.write_all(&buf).map_err(io_err(tail))?;
+            file.sync_data().map_err(io_err(tail))?;
+            tail_len = buf.len() as u64;
+        }
         let last_index = recovered
             .entries
             .last()
             .map(|e| e.index)
-            .or(recovered.snapshot.as_ref().map(|s| s.index))
-            .unwrap_or(0);
+            .unwrap_or(snap_index);
         let wal = Wal {
             dir: dir.to_path_buf(),
             opts,
@@ -301,12 +388,16 @@ impl Wal {
             snapshot: recovered.snapshot.clone(),
             last_index,
             syncs: 0,
+            broken: None,
+            #[cfg(test)]
+            fail_next_write_after: None,
         };
         Ok((wal, recovered))
     }
 
     /// Appends entries (an entry whose index is <= the last one truncates the log from there)
-    /// and, if given, the hard state; one fsync covers the whole call.
+    /// and, if given, the hard state; one fsync covers the whole call. An entry that would
+    /// leave a hole after the last index is refused with `WalError::Gap` before any write.
     pub fn append(
         &mut self,
         entries: &[WalEntry],
@@ -315,40 +406,61 @@ impl Wal {
         if entries.is_empty() && hard_state.is_none() {
             return Ok(());
         }
+        self.check_usable()?;
+        let mut last = self.last_index;
+        for e in entries {
+            if e.index > last + 1 {
+                return Err(WalError::Gap {
+                    index: e.index,
+                    last,
+                });
+            }
+            last = e.index;
+        }
         self.buf.clear();
         let seg = self.segments.last_mut().expect("at least one segment");
         for e in entries {
             put_entry(&mut self.buf, e);
             seg.max_index = seg.max_index.max(e.index);
-            self.last_index = e.index;
         }
         if let Some(h) = hard_state {
             put_hard_state(&mut self.buf, h);
-            self.hard_state = *h;
         }
         self.write_buf()?;
+        self.last_index = last;
+        if let Some(h) = hard_state {
+            self.hard_state = *h;
+        }
         self.maybe_rotate()
     }
 
     /// Records a snapshot marker (fsynced); entries at or below its index are no longer needed.
     pub fn save_snapshot(&mut self, marker: &SnapshotMarker) -> Result<(), WalError> {
+        self.check_usable()?;
         self.buf.clear();
         put_snapshot(&mut self.buf, marker);
+        self.write_buf()?;
         self.snapshot = Some(marker.clone());
         self.last_index = self.last_index.max(marker.index);
-        self.write_buf()
+        Ok(())
     }
 
     /// Records opaque metadata (member/cluster identity), fsynced.
     pub fn save_metadata(&mut self, metadata: &[u8]) -> Result<(), WalError> {
+        self.check_usable()?;
         self.buf.clear();
         put_metadata(&mut self.buf, metadata);
+        self.write_buf()?;
         self.metadata = Some(metadata.to_vec());
-        self.write_buf()
+        Ok(())
     }
 
     /// Deletes whole segments whose every entry is at or below `index` (never the live one).
+    /// Entries after the latest snapshot marker are still needed to recover, so `index` is
+    /// capped at that marker's index: releasing past it would lose log the state machine
+    /// cannot rebuild.
     pub fn release_to(&mut self, index: u64) -> Result<(), WalError> {
+        let index = index.min(self.snapshot.as_ref().map_or(0, |s| s.index));
         let keep_from = self
             .segments
             .iter()
@@ -377,39 +489,83 @@ impl Wal {
         self.segments.len()
     }
 
+    fn check_usable(&self) -> Result<(), WalError> {
+        match &self.broken {
+            None => Ok(()),
+            Some(why) => Err(WalError::Io {
+                path: self.segments.last().expect("segment").path.clone(),
+                source: std::io::Error::other(format!(
+                    "wal is unusable after an earlier failure ({why}); reopen it to recover"
+                )),
+            }),
+        }
+    }
+
     fn write_buf(&mut self) -> Result<(), WalError> {
-        let path = &self.segments.last().expect("segment").path;
-        self.file.write_all(&self.buf).map_err(io_err(path))?;
-        self.file.sync_data().map_err(io_err(path))?;
+        if let Err(e) = self.write_and_sync() {
+            self.broken = Some(e.to_string());
+            let path = &self.segments.last().expect("segment").path;
+            return Err(io_err(path)(e));
+        }
         self.syncs += 1;
         self.size += self.buf.len() as u64;
         Ok(())
+    }
+
+    fn write_and_sync(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(n) = self.fail_next_write_after.take() {
+            self.file.write_all(&self.buf[..n.min(self.buf.len())])?;
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        self.file.write_all(&self.buf)?;
+        self.file.sync_data()
     }
 
     fn maybe_rotate(&mut self) -> Result<(), WalError> {
         if self.size < self.opts.segment_bytes {
             return Ok(());
         }
+        match self.rotate() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The entries are durable in the old segment, but a half-made rotation leaves
+                // the writer in an unknown place; stop here and let a reopen sort it out.
+                self.broken = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn rotate(&mut self) -> Result<(), WalError> {
         let seq = self.segments.last().expect("segment").seq + 1;
-        let path = segment_path(&self.dir, seq);
+        let path = segment_path(&self.dir, seq, self.last_index + 1);
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(TMP_SUFFIX);
+        let tmp = PathBuf::from(tmp);
+        self.buf.clear();
+        put_header(
+            &mut self.buf,
+            self.metadata.as_deref(),
+            &self.hard_state,
+            self.snapshot.as_ref(),
+        );
         let mut file = OpenOptions::new()
-            .create_new(true)
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        file.write_all(&self.buf).map_err(io_err(&tmp))?;
+        file.sync_all().map_err(io_err(&tmp))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        sync_dir(&self.dir)?;
+        self.file = OpenOptions::new()
             .append(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        self.buf.clear();
-        if let Some(m) = &self.metadata {
-            put_metadata(&mut self.buf, m);
-        }
-        put_hard_state(&mut self.buf, &self.hard_state);
-        if let Some(s) = &self.snapshot {
-            put_snapshot(&mut self.buf, s);
-        }
-        file.write_all(&self.buf).map_err(io_err(&path))?;
-        file.sync_all().map_err(io_err(&path))?;
-        sync_dir(&self.dir)?;
         self.size = self.buf.len() as u64;
-        self.file = file;
         self.segments.push(Segment {
             seq,
             path,
@@ -426,7 +582,12 @@ pub fn read_records(dir: &Path) -> Result<Vec<Record>, WalError> {
     let mut out = Vec::new();
     for (i, (_, path)) in found.into_iter().enumerate() {
         let data = fs::read(&path).map_err(io_err(&path))?;
-        out.extend(scan(&path, &data, i + 1 == n)?.records);
+        out.extend(
+            scan(&path, &data, i + 1 == n)?
+                .records
+                .into_iter()
+                .map(|(_, r)| r),
+        );
     }
     Ok(out)
 }
