@@ -8,7 +8,9 @@
 
 mod storage;
 
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message, Snapshot};
 use raft::{RawNode, StateRole};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use storage::WalStorage;
 
@@ -140,6 +142,7 @@ pub struct RaftStats {
 
 pub struct RaftHandle {
     thread: Option<JoinHandle<()>>,
+    stop: Arc<Notify>,
     pub stats: Arc<RaftStats>,
 }
 
@@ -150,18 +153,44 @@ impl RaftHandle {
             let _ = t.join();
         }
     }
+
+    /// Stops the loop even while command senders are still alive, then waits for it. Queued
+    /// commands are dropped; waiting reads are answered `Stopped`.
+    pub fn shutdown(self) {
+        // A stored permit: the loop sees it even if it is busy with a Ready right now.
+        self.stop.notify_one();
+        self.join();
+    }
+}
+
+type ReadWaiter = oneshot::Sender<Result<u64, RaftError>>;
+
+/// One read-index round handed to raft, with the leadership it was asked under.
+struct ReadRound {
+    waiters: Vec<ReadWaiter>,
+    term: u64,
+    leader: u64,
+    issued_at_tick: u64,
 }
 
 pub struct RaftNode<R> {
     raw: RawNode<WalStorage>,
     transport: Box<dyn Transport>,
     committed_tx: mpsc::Sender<Committed<R>>,
-    /// Responders of proposals made here, by the id carried in the entry context.
-    pending: HashMap<u64, R>,
+    /// Responders of proposals made here, by the log index their entry was appended at, with
+    /// the id that entry carries in its context. Both must match on commit: after a restart
+    /// the log still holds entries whose contexts reuse ids.
+    pending: BTreeMap<u64, (u64, R)>,
     next_proposal: u64,
-    /// Read-index requests waiting for their read state, by request context.
-    pending_reads: HashMap<u64, Vec<oneshot::Sender<Result<u64, RaftError>>>>,
+    /// Read-index requests that arrived since the last round went to raft.
+    queued_reads: Vec<ReadWaiter>,
+    /// Rounds raft is working on, by request context.
+    reads_in_flight: HashMap<u64, ReadRound>,
     next_read: u64,
+    ticks: u64,
+    /// Ticks a read round may stay unanswered before it is asked again (its message to the
+    /// leader, or the answer, may have been lost).
+    read_patience: u64,
     leader_seen: u64,
     stats: Arc<RaftStats>,
 }
@@ -228,27 +257,39 @@ impl<R: Send + 'static> RaftNode<R> {
             raw,
             transport,
             committed_tx,
-            pending: HashMap::new(),
-            next_proposal: 1,
-            pending_reads: HashMap::new(),
+            pending: BTreeMap::new(),
+            // A random start keeps ids of this run apart from those already in the log.
+            next_proposal: RandomState::new().hash_one(cfg.id),
+            queued_reads: Vec::new(),
+            reads_in_flight: HashMap::new(),
             next_read: 1,
+            ticks: 0,
+            read_patience: cfg.election_tick as u64,
             leader_seen: 0,
             stats: stats.clone(),
         };
         let tick = cfg.tick_interval;
+        let stop = Arc::new(Notify::new());
+        let stop_rx = stop.clone();
         let thread = std::thread::Builder::new()
             .name("raft-node".into())
-            .spawn(move || node.run(commands, tick))
+            .spawn(move || node.run(commands, tick, stop_rx))
             .map_err(|e| RaftError::BadState(format!("spawn raft thread: {e}")))?;
         Ok(RaftHandle {
             thread: Some(thread),
+            stop,
             stats,
         })
     }
 
     /// The loop: wait for a command or a tick, take every queued command (so one Ready, and
     /// one fsync, covers them all), then handle the Ready.
-    fn run(mut self, mut commands: mpsc::Receiver<RaftCommand<R>>, tick: Duration) {
+    fn run(
+        mut self,
+        mut commands: mpsc::Receiver<RaftCommand<R>>,
+        tick: Duration,
+        stop: Arc<Notify>,
+    ) {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -261,62 +302,88 @@ impl<R: Send + 'static> RaftNode<R> {
         };
         let mut next_tick = Instant::now() + tick;
         loop {
-            let first = rt.block_on(async {
-                tokio::time::timeout_at(next_tick.into(), commands.recv()).await
+            let woke = rt.block_on(async {
+                tokio::select! {
+                    biased;
+                    _ = stop.notified() => None,
+                    r = tokio::time::timeout_at(next_tick.into(), commands.recv()) => Some(r),
+                }
             });
-            match first {
-                Ok(Some(cmd)) => {
+            match woke {
+                Some(Ok(Some(cmd))) => {
                     self.handle(cmd);
                     while let Ok(cmd) = commands.try_recv() {
                         self.handle(cmd);
                     }
                 }
-                Ok(None) => break,
-                Err(_) => {}
+                Some(Err(_elapsed)) => {}
+                Some(Ok(None)) => {
+                    tracing::info!("raft: command channel closed, loop stopped");
+                    break;
+                }
+                None => {
+                    tracing::info!("raft: shutdown requested, loop stopped");
+                    break;
+                }
             }
             if Instant::now() >= next_tick {
                 self.raw.tick();
+                self.ticks += 1;
                 next_tick = Instant::now() + tick;
             }
-            if let Err(e) = self.on_ready() {
+            if let Err(e) = self.process() {
                 // The wal could not be written: acknowledging anything further would be a lie.
                 tracing::error!(error = %e, "raft: cannot persist, stopping");
                 break;
             }
         }
-        tracing::info!("raft: command channel closed, loop stopped");
+        for w in self
+            .queued_reads
+            .drain(..)
+            .chain(self.reads_in_flight.drain().flat_map(|(_, r)| r.waiters))
+        {
+            let _ = w.send(Err(RaftError::Stopped));
+        }
+    }
+
+    /// One pass after the commands: read rounds, then the Ready. A read held back until the
+    /// leader commits in its term can go once that Ready committed it, so look again.
+    fn process(&mut self) -> Result<(), RaftError> {
+        self.step_reads();
+        self.on_ready()?;
+        if self.step_reads() {
+            self.on_ready()?;
+        }
+        Ok(())
     }
 
     fn handle(&mut self, cmd: RaftCommand<R>) {
         match cmd {
+            // Dropping a responder tells the caller the proposal was not taken; the caller
+            // counts it as failed (it also sees timeouts, which never reach this layer).
             RaftCommand::Propose { data, reply } => {
                 self.stats.proposals.fetch_add(1, Ordering::Relaxed);
-                let id = self.next_proposal;
-                self.next_proposal += 1;
-                match self.raw.propose(id.to_le_bytes().to_vec(), data) {
-                    Ok(()) => {
-                        self.pending.insert(id, reply);
-                    }
-                    Err(e) => {
-                        // Dropping the responder tells the caller the proposal was not taken.
-                        metrics::counter!("etcd_server_proposals_failed_total").increment(1);
-                        tracing::debug!(error = %e, "raft: proposal dropped");
-                    }
-                }
-            }
-            RaftCommand::ReadIndex { reply } => {
-                if self.raw.raft.leader_id == raft::INVALID_ID {
-                    let _ = reply.send(Err(RaftError::NoLeader));
+                if self.raw.raft.state != StateRole::Leader {
+                    // Only the leader appends here. Forwarding to a known leader belongs at
+                    // this point; raft's own forwarding would leave the caller unanswered.
+                    tracing::debug!(
+                        leader = self.raw.raft.leader_id,
+                        "raft: not leader, proposal dropped"
+                    );
                     return;
                 }
-                // Every read arriving before the next Ready shares one read-index round.
-                let ctx = self.next_read;
-                let batch = self.pending_reads.entry(ctx).or_default();
-                if batch.is_empty() {
-                    self.raw.read_index(ctx.to_le_bytes().to_vec());
+                let id = self.next_proposal;
+                self.next_proposal = self.next_proposal.wrapping_add(1);
+                match self.raw.propose(id.to_le_bytes().to_vec(), data) {
+                    Ok(()) => {
+                        let index = self.raw.raft.raft_log.last_index();
+                        self.pending.insert(index, (id, reply));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "raft: proposal dropped"),
                 }
-                batch.push(reply);
             }
+            // Every read arriving before the next Ready shares one read-index round.
+            RaftCommand::ReadIndex { reply } => self.queued_reads.push(reply),
             RaftCommand::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -340,16 +407,57 @@ impl<R: Send + 'static> RaftNode<R> {
         }
     }
 
+    /// Sends queued reads back to the queue when their round can no longer be answered (the
+    /// leadership it was asked under is gone, or it waited too long), then issues one round
+    /// for everything queued. Returns whether a round went to raft.
+    fn step_reads(&mut self) -> bool {
+        let (term, leader, now) = (self.raw.raft.term, self.raw.raft.leader_id, self.ticks);
+        let patience = self.read_patience;
+        let stale: Vec<u64> = self
+            .reads_in_flight
+            .iter()
+            .filter(|(_, r)| {
+                r.term != term || r.leader != leader || now - r.issued_at_tick > patience
+            })
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in stale {
+            if let Some(round) = self.reads_in_flight.remove(&ctx) {
+                self.queued_reads.extend(round.waiters);
+            }
+        }
+        self.queued_reads.retain(|w| !w.is_closed());
+        if self.queued_reads.is_empty() {
+            return false;
+        }
+        if leader == raft::INVALID_ID {
+            for w in self.queued_reads.drain(..) {
+                let _ = w.send(Err(RaftError::NoLeader));
+            }
+            return false;
+        }
+        if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
+            // raft ignores a read until the leader has committed an entry of its own term
+            // (its commit index could be stale); hold the reads until then.
+            return false;
+        }
+        let ctx = self.next_read;
+        self.next_read += 1;
+        self.raw.read_index(ctx.to_le_bytes().to_vec());
+        self.reads_in_flight.insert(
+            ctx,
+            ReadRound {
+                waiters: std::mem::take(&mut self.queued_reads),
+                term,
+                leader,
+                issued_at_tick: now,
+            },
+        );
+        true
+    }
+
     /// persist → send → apply → advance, as raft-rs requires.
     fn on_ready(&mut self) -> Result<(), RaftError> {
-        // Close the current read batch: later reads need a new round.
-        if self
-            .pending_reads
-            .get(&self.next_read)
-            .is_some_and(|b| !b.is_empty())
-        {
-            self.next_read += 1;
-        }
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -387,7 +495,9 @@ impl<R: Send + 'static> RaftNode<R> {
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit);
         }
-        self.transport.send(light.take_messages());
+        if !light.messages().is_empty() {
+            self.transport.send(light.take_messages());
+        }
         self.deliver(light.take_committed_entries());
         self.raw.advance_apply();
         self.observe_leadership();
@@ -399,8 +509,8 @@ impl<R: Send + 'static> RaftNode<R> {
             let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
                 continue;
             };
-            if let Some(waiters) = self.pending_reads.remove(&u64::from_le_bytes(ctx)) {
-                for w in waiters {
+            if let Some(round) = self.reads_in_flight.remove(&u64::from_le_bytes(ctx)) {
+                for w in round.waiters {
                     let _ = w.send(Ok(rs.index));
                 }
             }
@@ -420,9 +530,7 @@ impl<R: Send + 'static> RaftNode<R> {
                     EntryKind::ConfChange
                 }
             };
-            let reply = <[u8; 8]>::try_from(e.get_context())
-                .ok()
-                .and_then(|ctx| self.pending.remove(&u64::from_le_bytes(ctx)));
+            let reply = self.take_responder(&e);
             out.push(CommittedEntry {
                 index: e.index,
                 term: e.term,
@@ -442,17 +550,32 @@ impl<R: Send + 'static> RaftNode<R> {
         }
     }
 
+    /// The responder of a proposal made here that committed as `e`. A proposal waiting at this
+    /// index (or below it: those indexes are already past) whose entry was replaced by another
+    /// leader's is lost, so its responder is dropped.
+    fn take_responder(&mut self, e: &Entry) -> Option<R> {
+        while let Some(first) = self.pending.first_entry() {
+            if *first.key() >= e.index {
+                break;
+            }
+            first.remove();
+        }
+        let (id, reply) = self.pending.remove(&e.index)?;
+        let ctx = <[u8; 8]>::try_from(e.get_context()).ok()?;
+        (u64::from_le_bytes(ctx) == id).then_some(reply)
+    }
+
     fn apply_conf_change(&mut self, e: &Entry) {
         use protobuf::Message as _;
         let result = if e.get_entry_type() == EntryType::EntryConfChange {
             let mut cc = ConfChange::default();
             cc.merge_from_bytes(e.get_data())
-                .map_err(|e| raft::Error::CodecError(e))
+                .map_err(raft::Error::CodecError)
                 .and_then(|_| self.raw.apply_conf_change(&cc))
         } else {
             let mut cc = ConfChangeV2::default();
             cc.merge_from_bytes(e.get_data())
-                .map_err(|e| raft::Error::CodecError(e))
+                .map_err(raft::Error::CodecError)
                 .and_then(|_| self.raw.apply_conf_change(&cc))
         };
         match result {
@@ -472,12 +595,9 @@ impl<R: Send + 'static> RaftNode<R> {
                 metrics::counter!("etcd_server_leader_changes_seen_total").increment(1);
             }
             self.leader_seen = leader;
-            metrics::gauge!("etcd_server_has_leader").set(if leader != raft::INVALID_ID {
-                1.0
-            } else {
-                0.0
-            });
         }
+        let has_leader = leader != raft::INVALID_ID;
+        metrics::gauge!("etcd_server_has_leader").set(if has_leader { 1.0 } else { 0.0 });
         let is_leader = self.raw.raft.state == StateRole::Leader;
         metrics::gauge!("etcd_server_is_leader").set(if is_leader { 1.0 } else { 0.0 });
         if !is_leader && !self.pending.is_empty() {

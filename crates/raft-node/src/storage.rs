@@ -46,9 +46,11 @@ fn to_wal(e: &Entry) -> WalEntry {
 }
 
 fn from_wal(w: WalEntry) -> Entry {
-    let mut e = Entry::default();
-    e.term = w.term;
-    e.index = w.index;
+    let mut e = Entry {
+        term: w.term,
+        index: w.index,
+        ..Default::default()
+    };
     e.set_entry_type(match w.entry_type {
         wal::EntryType::Normal => EntryType::EntryNormal,
         wal::EntryType::ConfChange => EntryType::EntryConfChange,
@@ -66,9 +68,11 @@ impl WalStorage {
         let mem = MemStorage::new();
         let (snapshot_index, snapshot_term) = match &rec.snapshot {
             None => {
-                let mut cs = ConfState::default();
-                cs.voters = voters.to_vec();
-                cs.learners = learners.to_vec();
+                let cs = ConfState {
+                    voters: voters.to_vec(),
+                    learners: learners.to_vec(),
+                    ..Default::default()
+                };
                 // Index 0: no state-machine snapshot, only the initial membership.
                 wal.save_snapshot(&wal::SnapshotMarker {
                     index: 0,
@@ -88,10 +92,12 @@ impl WalStorage {
             }
         };
         let entries: Vec<Entry> = rec.entries.into_iter().map(from_wal).collect();
-        let mut hs = HardState::default();
-        hs.term = rec.hard_state.term;
-        hs.vote = rec.hard_state.vote;
-        hs.commit = rec.hard_state.commit;
+        let hs = HardState {
+            term: rec.hard_state.term,
+            vote: rec.hard_state.vote,
+            commit: rec.hard_state.commit,
+            ..Default::default()
+        };
         {
             let mut core = mem.wl();
             core.append(&entries)?;
@@ -110,6 +116,14 @@ impl WalStorage {
     /// commit index to it. An applied index beyond the log means the data dir is inconsistent.
     pub fn clamp_applied(&self, applied: u64) -> Result<u64, RaftError> {
         let last = self.mem.last_index()?;
+        if self.snapshot_index > 0 && applied < self.snapshot_index {
+            // The log before the snapshot is gone; only the snapshot itself could rebuild the
+            // missing state, and raft would abort on an applied index below its first entry.
+            return Err(RaftError::BadState(format!(
+                "the store has applied index {applied} but the wal starts after snapshot {}",
+                self.snapshot_index
+            )));
+        }
         if applied > last {
             return Err(RaftError::BadState(format!(
                 "the store has applied index {applied} but the wal ends at {last}"
