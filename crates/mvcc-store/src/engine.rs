@@ -1,0 +1,230 @@
+//! The storage engine under the revision model: an ordered byte-key map with atomic batches.
+//! RocksDB in production, a BTreeMap in tests; the mvcc logic only sees this trait.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::Path;
+
+use parking_lot::RwLock;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// For engines other than RocksDB (and test doubles).
+    #[error("engine: {0}")]
+    Other(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+    /// Every key in `[start, end)`.
+    DeleteRange(Vec<u8>, Vec<u8>),
+}
+
+/// Changes applied all-or-nothing by `KvEngine::write`.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    pub ops: Vec<BatchOp>,
+}
+
+impl WriteBatch {
+    pub fn put(&mut self, k: impl Into<Vec<u8>>, v: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Put(k.into(), v.into()));
+    }
+    pub fn delete(&mut self, k: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Delete(k.into()));
+    }
+    pub fn delete_range(&mut self, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) {
+        self.ops
+            .push(BatchOp::DeleteRange(start.into(), end.into()));
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+pub trait KvEngine: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
+    fn write(&self, batch: WriteBatch) -> Result<(), EngineError>;
+    /// Visits `[start, end)` in key order until `f` returns false.
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError>;
+    /// Bytes the engine occupies (on disk for RocksDB).
+    fn size_bytes(&self) -> u64;
+    /// Bytes of live data.
+    fn size_in_use(&self) -> u64;
+    /// Reclaims space left by deletions (compaction of the engine itself).
+    fn compact_all(&self) -> Result<(), EngineError>;
+    /// Moves buffered writes to durable files (RocksDB memtables to SST), e.g. before shutdown.
+    fn flush(&self) -> Result<(), EngineError>;
+}
+
+/// In-memory engine for tests: same semantics, no disk.
+#[derive(Default)]
+pub struct MemEngine {
+    map: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl KvEngine for MemEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.map.read().get(key).cloned())
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        let mut m = self.map.write();
+        for op in batch.ops {
+            match op {
+                BatchOp::Put(k, v) => {
+                    m.insert(k, v);
+                }
+                BatchOp::Delete(k) => {
+                    m.remove(&k);
+                }
+                BatchOp::DeleteRange(start, end) => {
+                    if start < end {
+                        let mut tail = m.split_off(&start);
+                        let mut rest = tail.split_off(&end);
+                        m.append(&mut rest);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        let m = self.map.read();
+        for (k, v) in m.range::<[u8], _>((Bound::Included(start), Bound::Excluded(end))) {
+            if !f(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_in_use()
+    }
+
+    fn size_in_use(&self) -> u64 {
+        self.map
+            .read()
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum()
+    }
+
+    fn compact_all(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+}
+
+/// RocksDB. Writes are not fsynced here: the raft wal is, and on restart every entry after
+/// the applied index stored in this engine is applied again. RocksDB's own log stays on so a
+/// process crash loses nothing the kernel already has.
+pub struct RocksEngine {
+    db: rocksdb::DB,
+}
+
+impl RocksEngine {
+    pub fn open(path: &Path) -> Result<RocksEngine, EngineError> {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::None);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        opts.set_write_buffer_size(64 * 1024 * 1024);
+        let mut block = rocksdb::BlockBasedOptions::default();
+        block.set_bloom_filter(10.0, false);
+        block.set_block_cache(&rocksdb::Cache::new_lru_cache(128 * 1024 * 1024));
+        opts.set_block_based_table_factory(&block);
+        let db = rocksdb::DB::open(&opts, path)?;
+        Ok(RocksEngine { db })
+    }
+
+    fn property(&self, name: &str) -> u64 {
+        self.db.property_int_value(name).ok().flatten().unwrap_or(0)
+    }
+}
+
+impl KvEngine for RocksEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.db.get_pinned(key)?.map(|v| v.to_vec()))
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        let mut b = rocksdb::WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                BatchOp::Put(k, v) => b.put(k, v),
+                BatchOp::Delete(k) => b.delete(k),
+                BatchOp::DeleteRange(start, end) => b.delete_range(start, end),
+            }
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(b, &wo)?;
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek(start);
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !f(k, v) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.property("rocksdb.total-sst-files-size")
+            + self.property("rocksdb.cur-size-all-mem-tables")
+    }
+
+    fn size_in_use(&self) -> u64 {
+        self.property("rocksdb.estimate-live-data-size")
+            + self.property("rocksdb.cur-size-all-mem-tables")
+    }
+
+    fn compact_all(&self) -> Result<(), EngineError> {
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), EngineError> {
+        Ok(self.db.flush()?)
+    }
+}
