@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message, Snapshot};
+/// The raft types in this crate's API: `Message` for transports, `ConfChange` for membership.
+pub use raft::prelude::{ConfChange, ConfChangeType, Message};
+use raft::prelude::{ConfChangeV2, Entry, EntryType, Snapshot};
 use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -71,6 +73,12 @@ pub enum RaftCommand<R> {
     /// Answered with a commit index that is safe to read at (linearizable reads).
     ReadIndex {
         reply: oneshot::Sender<Result<u64, RaftError>>,
+    },
+    /// A membership change. Its entry reaches the applier as `EntryKind::ConfChange` (data =
+    /// the encoded `ConfChange`) carrying `reply`; raft-node applies it to raft itself.
+    ProposeConfChange {
+        change: ConfChange,
+        reply: R,
     },
     Status {
         reply: oneshot::Sender<RaftStatus>,
@@ -244,12 +252,10 @@ impl<R: Send + 'static> RaftNode<R> {
         };
         raft_cfg.validate()?;
         let mut raw = RawNode::new(&raft_cfg, storage, &slog_logger())?;
-        let single = {
-            let cs = raw.store().conf_state();
-            cs.voters == vec![cfg.id] && cs.learners.is_empty()
-        };
+        let single = raw.store().conf_state().voters == [cfg.id];
         if single {
-            // Alone, there is nobody to wait for: lead at once instead of after a timeout.
+            // The only voter (learners do not vote) has nobody to wait for: lead at once
+            // instead of after an election timeout.
             raw.campaign()?;
         }
         let stats = Arc::new(RaftStats::default());
@@ -359,28 +365,11 @@ impl<R: Send + 'static> RaftNode<R> {
 
     fn handle(&mut self, cmd: RaftCommand<R>) {
         match cmd {
-            // Dropping a responder tells the caller the proposal was not taken; the caller
-            // counts it as failed (it also sees timeouts, which never reach this layer).
             RaftCommand::Propose { data, reply } => {
-                self.stats.proposals.fetch_add(1, Ordering::Relaxed);
-                if self.raw.raft.state != StateRole::Leader {
-                    // Only the leader appends here. Forwarding to a known leader belongs at
-                    // this point; raft's own forwarding would leave the caller unanswered.
-                    tracing::debug!(
-                        leader = self.raw.raft.leader_id,
-                        "raft: not leader, proposal dropped"
-                    );
-                    return;
-                }
-                let id = self.next_proposal;
-                self.next_proposal = self.next_proposal.wrapping_add(1);
-                match self.raw.propose(id.to_le_bytes().to_vec(), data) {
-                    Ok(()) => {
-                        let index = self.raw.raft.raft_log.last_index();
-                        self.pending.insert(index, (id, reply));
-                    }
-                    Err(e) => tracing::debug!(error = %e, "raft: proposal dropped"),
-                }
+                self.propose_with(reply, |raw, ctx| raw.propose(ctx, data));
+            }
+            RaftCommand::ProposeConfChange { change, reply } => {
+                self.propose_with(reply, |raw, ctx| raw.propose_conf_change(ctx, change));
             }
             // Every read arriving before the next Ready shares one read-index round.
             RaftCommand::ReadIndex { reply } => self.queued_reads.push(reply),
@@ -392,6 +381,35 @@ impl<R: Send + 'static> RaftNode<R> {
                     tracing::debug!(error = %e, "raft: step failed");
                 }
             }
+        }
+    }
+
+    /// Appends one entry through `propose` (which gets the context to tag it with) and keeps
+    /// `reply` for when it commits. Dropping a responder tells the caller the proposal was not
+    /// taken; the caller counts it as failed (it also sees timeouts, which never reach here).
+    fn propose_with(
+        &mut self,
+        reply: R,
+        propose: impl FnOnce(&mut RawNode<WalStorage>, Vec<u8>) -> raft::Result<()>,
+    ) {
+        self.stats.proposals.fetch_add(1, Ordering::Relaxed);
+        if self.raw.raft.state != StateRole::Leader {
+            // Only the leader appends here. Forwarding to a known leader belongs at this
+            // point; raft's own forwarding would leave the caller unanswered.
+            tracing::debug!(
+                leader = self.raw.raft.leader_id,
+                "raft: not leader, proposal dropped"
+            );
+            return;
+        }
+        let id = self.next_proposal;
+        self.next_proposal = self.next_proposal.wrapping_add(1);
+        match propose(&mut self.raw, id.to_le_bytes().to_vec()) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.pending.insert(index, (id, reply));
+            }
+            Err(e) => tracing::debug!(error = %e, "raft: proposal dropped"),
         }
     }
 
