@@ -575,7 +575,7 @@ async fn three_members_elect_one_leader_and_commit_on_all() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partitioned_leaders_write_is_never_answered_and_never_applied() {
+async fn a_partitioned_leader_drops_its_write_and_does_not_hang_its_read() {
     let c = Cluster::start(&[1, 2, 3]);
     let old = c.leader(&[1, 2, 3]).await;
     let first = propose(&c.nodes[&old.id].tx, b"before").await;
@@ -593,6 +593,17 @@ async fn a_partitioned_leaders_write_is_never_answered_and_never_applied() {
         .await
         .unwrap();
 
+    // A read on the cut-off leader cannot be confirmed by a quorum; once it steps down the
+    // read is answered "no leader" instead of waiting forever.
+    let (reply, read) = oneshot::channel();
+    c.nodes[&old.id]
+        .tx
+        .send(RaftCommand::ReadIndex { reply })
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), read).await;
+    assert!(matches!(read, Ok(Ok(Err(RaftError::NoLeader)))), "{read:?}");
+
     let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != old.id).collect();
     let new = c.leader(&rest).await;
     assert!(new.term > old.term);
@@ -609,4 +620,52 @@ async fn a_partitioned_leaders_write_is_never_answered_and_never_applied() {
         "the lost write must be dropped, not answered: {lost:?}"
     );
     c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_reach_the_applier_only_after_the_wal_holds_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().to_path_buf();
+    let (tx, rx) = mpsc::channel::<RaftCommand<Reply>>(1024);
+    let (ctx, mut crx) = mpsc::channel::<Committed<Reply>>(64);
+    let handle = RaftNode::start(RaftConfig::default(), dir.path(), 0, rx, ctx).unwrap();
+    let applier = std::thread::spawn(move || {
+        let mut checked = 0;
+        while let Some(batch) = crx.blocking_recv() {
+            // Read the log as a crash would leave it: every delivered entry must be there.
+            let on_disk: std::collections::HashSet<u64> = wal::read_records(&wal_dir)
+                .unwrap()
+                .into_iter()
+                .filter_map(|r| match r {
+                    wal::Record::Entry(e) => Some(e.index),
+                    _ => None,
+                })
+                .collect();
+            for e in batch.entries {
+                assert!(
+                    on_disk.contains(&e.index),
+                    "entry {} not in the wal",
+                    e.index
+                );
+                checked += 1;
+                if let Some(r) = e.reply {
+                    let _ = r.send(e.index);
+                }
+            }
+        }
+        checked
+    });
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(
+            async move { propose(&tx, &i.to_le_bytes()).await },
+        ));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drop(tx);
+    handle.join();
+    assert!(applier.join().unwrap() > 200);
 }
