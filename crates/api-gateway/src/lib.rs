@@ -3,7 +3,7 @@
 //! Writes: validated requests become proposals on raft-node's command channel
 //! (`RaftCommand::Propose` with a oneshot responder the applier answers). Reads: linearizable ones
 //! ask raft-node for a ReadIndex and wait on the applier's applied-index channel, then read
-//! mvcc-store; serializable ones read it directly. Watch streams are served from the watch hub.
+//! mvcc-store; serializable ones read it directly.
 //! Every lower-layer error becomes etcd's gRPC status in one place (`errors`).
 
 pub mod cluster;
@@ -13,7 +13,6 @@ pub mod header;
 pub mod kv;
 pub mod maintenance;
 pub mod validate;
-pub mod watch_service;
 
 pub use gateway::{Gateway, Limits, ETCD_CLUSTER_VERSION, ETCD_VERSION};
 pub use header::HeaderSource;

@@ -55,16 +55,23 @@ pub fn decode_request(data: &[u8]) -> Result<InternalRaftRequest, prost::DecodeE
     InternalRaftRequest::decode(data)
 }
 
+/// Everything one applied request changed, at one revision, for the watch layer.
+#[derive(Debug, Clone)]
+pub struct Events {
+    pub revision: i64,
+    pub events: Vec<oxcd_proto::mvccpb::Event>,
+}
+
 pub struct Applier {
     store: MvccStore,
-    events_tx: mpsc::Sender<watch::Events>,
+    events_tx: Option<mpsc::Sender<Events>>,
     applied_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl Applier {
     pub fn new(
         store: MvccStore,
-        events_tx: mpsc::Sender<watch::Events>,
+        events_tx: Option<mpsc::Sender<Events>>,
         applied_tx: tokio::sync::watch::Sender<u64>,
     ) -> Self {
         Applier {
@@ -141,13 +148,13 @@ impl Applier {
             return Err(ApplyError::EmptyRequest { index });
         };
         let applied = self.store.apply(index, op, &lease_exists)?;
-        if !applied.events.is_empty() {
-            let events = watch::Events {
+        if let (Some(tx), false) = (&self.events_tx, applied.events.is_empty()) {
+            let events = Events {
                 revision: applied.revision,
                 events: applied.events,
             };
             // Blocking send: the watch hub drains quickly and must see every revision.
-            if self.events_tx.blocking_send(events).is_err() {
+            if tx.blocking_send(events).is_err() {
                 tracing::debug!("watch hub gone; events dropped");
             }
         }
@@ -167,3 +174,126 @@ impl Applier {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mvcc_store::MemEngine;
+    use oxcd_proto::etcdserverpb::{CompactionRequest, PutRequest, RangeRequest};
+    use std::sync::Arc;
+
+    struct Rig {
+        committed: mpsc::Sender<Committed<Responder>>,
+        events: mpsc::Receiver<Events>,
+        applied: tokio::sync::watch::Receiver<u64>,
+        store: MvccStore,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    fn rig() -> Rig {
+        let store = MvccStore::open(Arc::new(MemEngine::default())).unwrap();
+        let (committed, committed_rx) = mpsc::channel(16);
+        let (events_tx, events) = mpsc::channel(16);
+        let (applied_tx, applied) = tokio::sync::watch::channel(0);
+        let applier = Applier::new(store.clone(), Some(events_tx), applied_tx);
+        let thread = std::thread::spawn(move || applier.run(committed_rx));
+        Rig {
+            committed,
+            events,
+            applied,
+            store,
+            thread,
+        }
+    }
+
+    fn put(key: &str, value: &str) -> Vec<u8> {
+        encode_request(&InternalRaftRequest {
+            put: Some(PutRequest {
+                key: key.into(),
+                value: value.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn entry(index: u64, data: Vec<u8>, reply: Option<Responder>) -> CommittedEntry<Responder> {
+        CommittedEntry {
+            index,
+            term: 2,
+            kind: EntryKind::Normal,
+            data,
+            reply,
+        }
+    }
+
+    #[tokio::test]
+    async fn applies_in_order_answers_the_proposer_and_publishes_events() {
+        let mut r = rig();
+        let (tx, rx) = oneshot::channel();
+        r.committed
+            .send(Committed {
+                entries: vec![
+                    entry(1, vec![], None),
+                    entry(2, put("a", "1"), None),
+                    entry(3, put("a", "2"), Some(tx)),
+                ],
+            })
+            .await
+            .unwrap();
+        match rx.await.unwrap().unwrap() {
+            ApplyResponse::Put(resp) => assert_eq!(resp.header.unwrap().revision, 3),
+            other => panic!("unexpected {other:?}"),
+        }
+        r.applied.wait_for(|a| *a == 3).await.unwrap();
+        assert_eq!(r.store.applied_index(), 3);
+        let first = r.events.recv().await.unwrap();
+        let second = r.events.recv().await.unwrap();
+        assert_eq!((first.revision, second.revision), (2, 3));
+        assert_eq!(second.events[0].kv.as_ref().unwrap().version, 2);
+
+        let got = r
+            .store
+            .range(&RangeRequest {
+                key: b"a".to_vec(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(got.kvs[0].value, b"2");
+        drop(r.committed);
+        r.thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn failures_reach_the_proposer_and_garbage_never_panics() {
+        let r = rig();
+        let (tx1, rx1) = oneshot::channel();
+        let (tx2, rx2) = oneshot::channel();
+        let compact_future = encode_request(&InternalRaftRequest {
+            compaction: Some(CompactionRequest {
+                revision: 100,
+                physical: false,
+            }),
+            ..Default::default()
+        });
+        r.committed
+            .send(Committed {
+                entries: vec![
+                    entry(1, compact_future, Some(tx1)),
+                    entry(2, vec![0xff, 0xff, 0xff], Some(tx2)),
+                ],
+            })
+            .await
+            .unwrap();
+        assert!(matches!(
+            rx1.await.unwrap(),
+            Err(ApplyError::Mvcc(MvccError::FutureRevision))
+        ));
+        assert!(matches!(
+            rx2.await.unwrap(),
+            Err(ApplyError::Decode { index: 2, .. })
+        ));
+        drop(r.committed);
+        r.thread.join().unwrap();
+    }
+}

@@ -8,14 +8,13 @@ use std::time::Duration;
 use api_gateway::cluster::ClusterService;
 use api_gateway::kv::KvService;
 use api_gateway::maintenance::MaintenanceService;
-use api_gateway::watch_service::WatchService;
 use api_gateway::{Gateway, HeaderSource, Limits};
 use applier::Applier;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use mvcc_store::{MvccStore, RocksEngine};
 use oxcd_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer, Member,
+    Member,
 };
 use raft_node::{RaftConfig, RaftNode};
 use tokio::sync::{mpsc, watch as tokio_watch};
@@ -109,14 +108,13 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     metrics::gauge!("etcd_server_id", "server_id" => format!("{:x}", identity.member_id))
         .set(1.0);
 
-    let engine = RocksEngine::open(&dd.kv_dir())?;
+    let engine = RocksEngine::open(&dd.kv_dir()).map_err(mvcc_store::MvccError::from)?;
     let store = MvccStore::open(Arc::new(engine))?;
     let applied = store.applied_index();
 
     // Channels between the layers.
     let (raft_tx, raft_rx) = mpsc::channel(8192);
     let (committed_tx, committed_rx) = mpsc::channel(1024);
-    let (events_tx, events_rx) = mpsc::channel(1024);
     let (applied_tx, applied_rx) = tokio_watch::channel(applied);
 
     let election_tick = (cfg.election_timeout / cfg.heartbeat_interval.max(1)).max(2) as usize;
@@ -133,7 +131,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     };
     let raft = RaftNode::start(raft_cfg, &dd.wal_dir(), applied, raft_rx, committed_tx)?;
 
-    let applier = Applier::new(store.clone(), events_tx, applied_tx);
+    // The watch layer is not wired yet, so applied changes are not published.
+    let applier = Applier::new(store.clone(), None, applied_tx);
     let applier_thread = std::thread::Builder::new()
         .name("applier".into())
         .spawn(move || applier.run(committed_rx))?;
@@ -148,7 +147,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         store,
         raft_tx,
         applied_rx,
-        events_rx,
         metrics,
         client_addrs,
         metrics_addrs,
@@ -170,7 +168,6 @@ async fn serve(
     store: MvccStore,
     raft_tx: mpsc::Sender<raft_node::RaftCommand<applier::Responder>>,
     applied_rx: tokio_watch::Receiver<u64>,
-    events_rx: mpsc::Receiver<watch::Events>,
     metrics: PrometheusHandle,
     client_addrs: Vec<SocketAddr>,
     metrics_addrs: Vec<SocketAddr>,
@@ -197,21 +194,12 @@ async fn serve(
         limits,
         members,
     );
-    let hub = watch::WatchHub::start(
-        Arc::new(StoreHistory(store.clone())),
-        events_rx,
-        watch::WatchConfig::default(),
-    );
 
     let max_recv = cfg.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
     let grpc = tonic::service::Routes::new(
         KvServer::new(KvService::new(gw.clone()))
             .max_decoding_message_size(max_recv)
             .max_encoding_message_size(usize::MAX),
-    )
-    .add_service(
-        WatchServer::new(WatchService::new(hub, headers.clone()))
-            .max_decoding_message_size(max_recv),
     )
     .add_service(MaintenanceServer::new(MaintenanceService::new(gw.clone())))
     .add_service(ClusterServer::new(ClusterService::new(gw.clone())));
@@ -293,30 +281,6 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-/// The watch layer's view of history, served by mvcc-store.
-struct StoreHistory(MvccStore);
-
-impl watch::History for StoreHistory {
-    fn current_revision(&self) -> i64 {
-        self.0.current_revision()
-    }
-    fn compact_revision(&self) -> i64 {
-        self.0.compact_revision()
-    }
-    fn events_since(
-        &self,
-        start_rev: i64,
-        limit: usize,
-    ) -> Result<Vec<oxcd_proto::mvccpb::Event>, watch::HistoryError> {
-        self.0
-            .events_since(start_rev, limit)
-            .map_err(|e| match e {
-                mvcc_store::MvccError::Compacted => watch::HistoryError::Compacted,
-                other => watch::HistoryError::Other(other.to_string()),
-            })
     }
 }
 
