@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages oxcd needs and that are missing. Sourced by start.sh and test.sh.
 #   build: clang + libclang-dev (RocksDB's bindings), g++ and make (RocksDB itself)
-#   tests: protobuf-compiler (the etcd-client crate), etcd-server + etcd-client (etcd 3.4, the
+#   tests: protobuf-compiler + libprotobuf-dev (the etcd-client crate), etcd-server + etcd-client (etcd 3.4, the
 #          reference server and etcdctl for differential and client tests)
 set -euo pipefail
 

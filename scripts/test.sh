@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
 oxcd_check_cargo
-oxcd_install_packages clang libclang-dev g++ make protobuf-compiler etcd-server etcd-client
+oxcd_install_packages clang libclang-dev g++ make protobuf-compiler libprotobuf-dev etcd-server etcd-client
 
 echo ">> cargo fmt --check"
 cargo fmt --all -- --check
@@ -17,7 +17,7 @@ cargo build --workspace --all-targets
 echo ">> cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 echo ">> cargo test"
-cargo test --workspace --all-targets -- --test-threads=2
+cargo test --workspace --all-targets
 echo ">> benchmark smoke run (checks that no request fails; does not judge speed)"
 cargo xtask bench --quick --oxcd-bin "$CARGO_TARGET_DIR/debug/oxcd"
 echo ">> all checks passed"

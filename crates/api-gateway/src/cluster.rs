@@ -21,11 +21,7 @@ impl ClusterService {
     }
 
     fn header(&self) -> Option<oxcd_proto::etcdserverpb::ResponseHeader> {
-        Some(
-            self.gw
-                .headers()
-                .header(self.gw.store().current_revision()),
-        )
+        Some(self.gw.headers().header(self.gw.store().current_revision()))
     }
 
     fn known(&self, id: u64) -> Result<&oxcd_proto::etcdserverpb::Member, Status> {

@@ -123,7 +123,10 @@ mod tests {
         );
         let s: Status = GatewayError::DuplicateKey.into();
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(s.message(), "etcdserver: duplicate key given in txn request");
+        assert_eq!(
+            s.message(),
+            "etcdserver: duplicate key given in txn request"
+        );
         let s: Status = GatewayError::RequestTooLarge.into();
         assert_eq!(s.message(), "etcdserver: request is too large");
         let s = mvcc_status(&MvccError::LeaseNotFound);

@@ -2,9 +2,9 @@
 
 use applier::ApplyResponse;
 use oxcd_proto::etcdserverpb::{
-    kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest,
-    DeleteRangeResponse, InternalRaftRequest, PutRequest, PutResponse, RangeRequest,
-    RangeResponse, TxnRequest, TxnResponse,
+    kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    InternalRaftRequest, PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest,
+    TxnResponse,
 };
 use tonic::{Request, Response, Status};
 

@@ -25,11 +25,7 @@ impl MaintenanceService {
     }
 
     fn header(&self) -> Option<oxcd_proto::etcdserverpb::ResponseHeader> {
-        Some(
-            self.gw
-                .headers()
-                .header(self.gw.store().current_revision()),
-        )
+        Some(self.gw.headers().header(self.gw.store().current_revision()))
     }
 }
 
@@ -41,10 +37,12 @@ impl Maintenance for MaintenanceService {
         // No alarm is ever raised yet (quota and corruption checks arrive later), so the list is
         // truthfully empty and disarming is a no-op; raising one by hand is refused.
         match AlarmAction::try_from(req.into_inner().action) {
-            Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => Ok(Response::new(AlarmResponse {
-                header: self.header(),
-                alarms: vec![],
-            })),
+            Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => {
+                Ok(Response::new(AlarmResponse {
+                    header: self.header(),
+                    alarms: vec![],
+                }))
+            }
             _ => Err(Status::new(Code::Unavailable, "etcdserver: not capable")),
         }
     }
@@ -119,7 +117,10 @@ impl Maintenance for MaintenanceService {
         let target = req.into_inner().target_id;
         let raft = self.gw.raft_status().await?;
         if !raft.is_leader {
-            return Err(Status::new(Code::FailedPrecondition, "etcdserver: not leader"));
+            return Err(Status::new(
+                Code::FailedPrecondition,
+                "etcdserver: not leader",
+            ));
         }
         if target == raft.id {
             return Ok(Response::new(MoveLeaderResponse {

@@ -17,6 +17,9 @@ pub struct Change {
     pub tombstone: bool,
 }
 
+/// Start and end bounds of a key range, as `BTreeMap::range` takes them.
+type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
 /// Which user keys a request names, decoded from etcd's `key` / `range_end` convention.
 #[derive(Debug, Clone, Copy)]
 pub enum KeyRange<'a> {
@@ -45,7 +48,7 @@ impl<'a> KeyRange<'a> {
         }
     }
 
-    fn bounds(&self) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+    fn bounds(&self) -> Option<KeyBounds<'a>> {
         match *self {
             KeyRange::Single(s) => Some((Bound::Included(s), Bound::Included(s))),
             KeyRange::From(s) => Some((Bound::Included(s), Bound::Unbounded)),
@@ -182,7 +185,7 @@ mod tests {
         assert_eq!(mains, vec![2, 4, 5]);
         assert_eq!(ix.get(b"a", 5).unwrap().main, 3);
         assert_eq!(ix.get(b"b", 5), None);
-        assert!(ix.keys.get(&b"b"[..]).is_none());
+        assert!(!ix.keys.contains_key(&b"b"[..]));
     }
 
     #[test]

@@ -25,16 +25,32 @@ pub struct Config {
     #[arg(long, env = "ETCD_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
     /// List of URLs to listen on for client traffic.
-    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
     pub listen_client_urls: String,
     /// List of this member's client URLs to advertise to the public.
-    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
     pub advertise_client_urls: String,
     /// List of URLs to listen on for peer traffic.
-    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub listen_peer_urls: String,
     /// List of this member's peer URLs to advertise to the rest of the cluster.
-    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub initial_advertise_peer_urls: String,
     /// Initial cluster configuration for bootstrapping (name=peerURL,...).
     #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
@@ -44,7 +60,11 @@ pub struct Config {
           value_parser = ["new", "existing"])]
     pub initial_cluster_state: String,
     /// Initial cluster token for the cluster during bootstrap.
-    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
     pub initial_cluster_token: String,
     /// List of additional URLs to listen on that respond to /metrics and /health.
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", default_value = "")]
@@ -244,7 +264,10 @@ impl Config {
             ("auto-tls", self.auto_tls),
             ("peer-cert-file", !self.peer_cert_file.is_empty()),
             ("peer-key-file", !self.peer_key_file.is_empty()),
-            ("peer-trusted-ca-file", !self.peer_trusted_ca_file.is_empty()),
+            (
+                "peer-trusted-ca-file",
+                !self.peer_trusted_ca_file.is_empty(),
+            ),
             ("peer-client-cert-auth", self.peer_client_cert_auth),
             ("peer-auto-tls", self.peer_auto_tls),
         ];

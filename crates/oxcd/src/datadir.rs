@@ -10,8 +10,10 @@ pub const FORMAT: &str = "oxcd-data-v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
-    #[error("data dir {0} holds an etcd data directory (member/), which oxcd cannot read; \
-             start oxcd on an empty data dir (etcd data can be moved with a client-level copy)")]
+    #[error(
+        "data dir {0} holds an etcd data directory (member/), which oxcd cannot read; \
+             start oxcd on an empty data dir (etcd data can be moved with a client-level copy)"
+    )]
     EtcdDataDir(PathBuf),
     #[error("data dir {path} has format {found:?}, this oxcd reads {FORMAT:?}")]
     UnknownFormat { path: PathBuf, found: String },

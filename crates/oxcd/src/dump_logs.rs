@@ -9,7 +9,10 @@ use wal::{EntryType, Record};
 
 use crate::datadir::DataDir;
 
-pub fn run(data_dir: &Path, out: &mut impl std::io::Write) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(
+    data_dir: &Path,
+    out: &mut impl std::io::Write,
+) -> Result<(), Box<dyn std::error::Error>> {
     let dd = DataDir::open_existing(data_dir)?;
     let records = wal::read_records(&dd.wal_dir())?;
     let entries = records
@@ -26,9 +29,7 @@ pub fn run(data_dir: &Path, out: &mut impl std::io::Write) -> Result<(), Box<dyn
                 "# hardstate term={} vote={:x} commit={}",
                 h.term, h.vote, h.commit
             )?,
-            Record::Snapshot(s) => {
-                writeln!(out, "# snapshot index={} term={}", s.index, s.term)?
-            }
+            Record::Snapshot(s) => writeln!(out, "# snapshot index={} term={}", s.index, s.term)?,
             Record::Entry(e) => {
                 let (kind, text) = match e.entry_type {
                     EntryType::Normal if e.data.is_empty() => ("norm", String::new()),
@@ -64,7 +65,12 @@ fn describe_request(r: &InternalRaftRequest) -> String {
             let _ = write!(s, " lease={:x}", p.lease);
         }
     } else if let Some(d) = &r.delete_range {
-        let _ = write!(s, "delete_range key={} range_end={}", q(&d.key), q(&d.range_end));
+        let _ = write!(
+            s,
+            "delete_range key={} range_end={}",
+            q(&d.key),
+            q(&d.range_end)
+        );
     } else if let Some(t) = &r.txn {
         let _ = write!(
             s,
@@ -74,7 +80,11 @@ fn describe_request(r: &InternalRaftRequest) -> String {
             ops(&t.failure)
         );
     } else if let Some(c) = &r.compaction {
-        let _ = write!(s, "compaction revision={} physical={}", c.revision, c.physical);
+        let _ = write!(
+            s,
+            "compaction revision={} physical={}",
+            c.revision, c.physical
+        );
     } else if let Some(r) = &r.range {
         let _ = write!(s, "range key={} range_end={}", q(&r.key), q(&r.range_end));
     } else if let Some(g) = &r.lease_grant {

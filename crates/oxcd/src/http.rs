@@ -43,10 +43,7 @@ async fn version() -> impl IntoResponse {
 
 /// Healthy = a leader is known and a linearizable read completes in time (etcd's check).
 async fn health(State(s): State<HttpState>) -> impl IntoResponse {
-    let reason = match check(&s.gw).await {
-        Ok(()) => None,
-        Err(reason) => Some(reason),
-    };
+    let reason = check(&s.gw).await.err();
     let ok = reason.is_none();
     metrics::counter!("etcd_server_health_success").increment(ok as u64);
     metrics::counter!("etcd_server_health_failures").increment(!ok as u64);
@@ -59,7 +56,11 @@ async fn health(State(s): State<HttpState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, [("content-type", "application/json")], body.to_string())
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
 }
 
 async fn check(gw: &Gateway) -> Result<(), String> {
