@@ -22,6 +22,9 @@ pub struct FsyncResult {
     pub seconds: f64,
     pub per_second: f64,
     pub mean_ms: f64,
+    /// Latency of one write + fdatasync; virtual disks are often bimodal, so the mean hides a lot.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 pub fn probe(dir: &Path, duration: Duration) -> Result<FsyncResult> {
@@ -41,12 +44,15 @@ pub fn probe(dir: &Path, duration: Duration) -> Result<FsyncResult> {
     }
     file.sync_all().map_err(|e| io("fsync", e))?;
 
+    let mut hist = crate::loadgen::new_histogram();
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < duration {
+        let t0 = Instant::now();
         file.write_all_at(&block, (n % FILE_BLOCKS) * BLOCK as u64)
             .map_err(|e| io("write", e))?;
         file.sync_data().map_err(|e| io("fdatasync", e))?;
+        hist.saturating_record((t0.elapsed().as_micros() as u64).max(1));
         n += 1;
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -57,6 +63,8 @@ pub fn probe(dir: &Path, duration: Duration) -> Result<FsyncResult> {
         seconds,
         per_second: n as f64 / seconds,
         mean_ms: seconds * 1000.0 / n.max(1) as f64,
+        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
     })
 }
 

@@ -135,8 +135,8 @@ pub fn markdown(ctx: &Context, outcomes: &Outcomes, scenarios: &[&str]) -> Strin
         Some(f) => {
             let _ = writeln!(
                 md,
-                "- Raw fsync limit of that disk: **{:.0} fsyncs/s** (4 KiB write + fdatasync in a loop for {:.1} s, {:.2} ms each)",
-                f.per_second, f.seconds, f.mean_ms
+                "- Raw fsync limit of that disk: **{:.0} fsyncs/s** (4 KiB write + fdatasync in a loop for {:.1} s; mean {:.2} ms, p50 {:.2} ms, p99 {:.2} ms)",
+                f.per_second, f.seconds, f.mean_ms, f.p50_ms, f.p99_ms
             );
         }
         None => {
