@@ -65,12 +65,25 @@ fn build_oxcd(bin: &Path) {
         .and_then(Path::parent)
         .expect("oxcd path has a target dir");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    let mut child = Command::new(cargo)
         .args(["build", "-p", "oxcd"])
         .env("CARGO_TARGET_DIR", target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
+        .spawn()
         .expect("run cargo build -p oxcd");
+    // Bounded: a build that cannot get the target dir lock must not hang the suite.
+    let deadline = Instant::now() + Duration::from_secs(15 * 60);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for cargo") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`cargo build -p oxcd` did not finish in 15 minutes; build it first or set OXCD_BIN");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(
         status.success() && bin.exists(),
         "`cargo build -p oxcd` failed ({status}); set OXCD_BIN or OXCD_TEST_SERVER to a server binary"
@@ -249,7 +262,7 @@ impl Server {
             log,
             run: 0,
             _data_tmp: data_tmp,
-            log_tmp: log_tmp,
+            log_tmp,
         }
     }
 

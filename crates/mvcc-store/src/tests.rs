@@ -1349,7 +1349,7 @@ fn readers_see_whole_revisions_under_concurrent_writes() {
         let s = s.clone();
         std::thread::spawn(move || {
             let mut w = W::new(s);
-            for i in 0..3000 {
+            for i in 0..10_000 {
                 let v = i.to_string();
                 w.txn(&TxnRequest {
                     success: vec![put_op("x", &v), put_op("y", &v)],
