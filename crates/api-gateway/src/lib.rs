@@ -3,7 +3,8 @@
 //! Writes: validated requests become proposals on raft-node's command channel
 //! (`RaftCommand::Propose` with a oneshot responder the applier answers). Reads: linearizable ones
 //! ask raft-node for a ReadIndex and wait on the applier's applied-index channel, then read
-//! mvcc-store; serializable ones read it directly.
+//! mvcc-store; serializable ones read it directly. Watch streams register watchers with the
+//! watch hub and turn its notices into `WatchResponse`s.
 //! Every lower-layer error becomes etcd's gRPC status in one place (`errors`).
 
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod header;
 pub mod kv;
 pub mod maintenance;
 pub mod validate;
+pub mod watch_service;
 
 pub use gateway::{Gateway, Limits, ETCD_CLUSTER_VERSION, ETCD_VERSION};
 pub use header::HeaderSource;

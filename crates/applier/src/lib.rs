@@ -32,7 +32,9 @@ pub enum ApplyResponse {
         physical: Option<CompactionWait>,
     },
     /// Entries with no client-visible result (raft's empty entries, membership changes).
-    Empty { revision: i64 },
+    Empty {
+        revision: i64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,11 +58,7 @@ pub fn decode_request(data: &[u8]) -> Result<InternalRaftRequest, prost::DecodeE
 }
 
 /// Everything one applied request changed, at one revision, for the watch layer.
-#[derive(Debug, Clone)]
-pub struct Events {
-    pub revision: i64,
-    pub events: Vec<oxcd_proto::mvccpb::Event>,
-}
+pub use watch::Events;
 
 pub struct Applier {
     store: MvccStore,
@@ -105,7 +103,11 @@ impl Applier {
         metrics::gauge!("oxcd_applier_applied_index").set(index as f64);
         let took = started.elapsed();
         if took.as_millis() >= 100 {
-            tracing::warn!(index, took_ms = took.as_millis() as u64, "apply request took too long");
+            tracing::warn!(
+                index,
+                took_ms = took.as_millis() as u64,
+                "apply request took too long"
+            );
         }
         if let Some(reply) = entry.reply {
             // The client may have gone away; its result is applied all the same.
@@ -173,7 +175,6 @@ impl Applier {
         })
     }
 }
-
 
 #[cfg(test)]
 mod tests {

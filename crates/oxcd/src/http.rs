@@ -77,3 +77,18 @@ async fn check(gw: &Gateway) -> Result<(), String> {
         Err(_) => Err("QGET ERROR:timed out".to_string()),
     }
 }
+
+/// Unknown paths: gRPC clients get `unimplemented`, as tonic answers an unknown method;
+/// anyone else gets the plain 404 etcd's HTTP mux sends.
+pub async fn fallback(req: axum::extract::Request) -> axum::response::Response {
+    let is_grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if is_grpc {
+        tonic::Status::unimplemented("").into_http()
+    } else {
+        (StatusCode::NOT_FOUND, "404 page not found\n").into_response()
+    }
+}

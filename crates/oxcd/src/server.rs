@@ -8,16 +8,18 @@ use std::time::Duration;
 use api_gateway::cluster::ClusterService;
 use api_gateway::kv::KvService;
 use api_gateway::maintenance::MaintenanceService;
+use api_gateway::watch_service::{StoreHistory, WatchService};
 use api_gateway::{Gateway, HeaderSource, Limits};
 use applier::Applier;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use mvcc_store::{MvccStore, RocksEngine};
 use oxcd_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    Member,
+    watch_server::WatchServer, Member,
 };
 use raft_node::{RaftConfig, RaftNode};
 use tokio::sync::{mpsc, watch as tokio_watch};
+use watch::{WatchConfig, WatchHub};
 
 use crate::config::{parse_url, split_urls, Config, ConfigError};
 use crate::datadir::{DataDir, DataDirError, Identity};
@@ -52,7 +54,10 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 pub fn run(cfg: Config) -> Result<(), ServerError> {
     init_logging(&cfg);
     for flag in cfg.accepted.set_flags() {
-        tracing::warn!(flag, "flag is accepted for compatibility but has no effect in oxcd yet");
+        tracing::warn!(
+            flag,
+            "flag is accepted for compatibility but has no effect in oxcd yet"
+        );
     }
     cfg.refuse_unsupported()?;
     let metrics = install_metrics()?;
@@ -103,10 +108,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         cluster_id = %format!("{:x}", identity.cluster_id),
         "starting oxcd"
     );
-    metrics::gauge!("etcd_server_version", "server_version" => api_gateway::ETCD_VERSION)
-        .set(1.0);
-    metrics::gauge!("etcd_server_id", "server_id" => format!("{:x}", identity.member_id))
-        .set(1.0);
+    metrics::gauge!("etcd_server_version", "server_version" => api_gateway::ETCD_VERSION).set(1.0);
+    metrics::gauge!("etcd_server_id", "server_id" => format!("{:x}", identity.member_id)).set(1.0);
 
     let engine = RocksEngine::open(&dd.kv_dir()).map_err(mvcc_store::MvccError::from)?;
     let store = MvccStore::open(Arc::new(engine))?;
@@ -131,8 +134,9 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     };
     let raft = RaftNode::start(raft_cfg, &dd.wal_dir(), applied, raft_rx, committed_tx)?;
 
-    // The watch layer is not wired yet, so applied changes are not published.
-    let applier = Applier::new(store.clone(), None, applied_tx);
+    // Bounded: a hub that falls behind slows applying rather than growing memory.
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let applier = Applier::new(store.clone(), Some(events_tx), applied_tx);
     let applier_thread = std::thread::Builder::new()
         .name("applier".into())
         .spawn(move || applier.run(committed_rx))?;
@@ -147,6 +151,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         store,
         raft_tx,
         applied_rx,
+        events_rx,
         metrics,
         client_addrs,
         metrics_addrs,
@@ -168,6 +173,7 @@ async fn serve(
     store: MvccStore,
     raft_tx: mpsc::Sender<raft_node::RaftCommand<applier::Responder>>,
     applied_rx: tokio_watch::Receiver<u64>,
+    events_rx: mpsc::Receiver<watch::Events>,
     metrics: PrometheusHandle,
     client_addrs: Vec<SocketAddr>,
     metrics_addrs: Vec<SocketAddr>,
@@ -195,6 +201,12 @@ async fn serve(
         members,
     );
 
+    let hub = WatchHub::start(
+        Arc::new(StoreHistory(store.clone())),
+        events_rx,
+        WatchConfig::default(),
+    );
+
     let max_recv = cfg.max_request_bytes as usize + GRPC_OVERHEAD_BYTES;
     let grpc = tonic::service::Routes::new(
         KvServer::new(KvService::new(gw.clone()))
@@ -202,14 +214,18 @@ async fn serve(
             .max_encoding_message_size(usize::MAX),
     )
     .add_service(MaintenanceServer::new(MaintenanceService::new(gw.clone())))
-    .add_service(ClusterServer::new(ClusterService::new(gw.clone())));
+    .add_service(ClusterServer::new(ClusterService::new(gw.clone())))
+    .add_service(WatchServer::new(WatchService::new(gw.clone(), hub)));
 
     let state = HttpState {
         gw: gw.clone(),
         metrics,
     };
-    let client_app = grpc.into_axum_router().merge(http::router(state.clone()));
-    let metrics_app = http::router(state);
+    let client_app = grpc
+        .into_axum_router()
+        .merge(http::router(state.clone()))
+        .fallback(http::fallback);
+    let metrics_app = http::router(state).fallback(http::fallback);
 
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
     let mut servers = Vec::new();
@@ -245,6 +261,12 @@ async fn listen(
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
+        // Without TCP_NODELAY, small gRPC responses wait on delayed ACKs (~40 ms each).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
