@@ -396,3 +396,23 @@ fn request_size_and_txn_limits() {
     );
     assert_eq!(ok(&s, &["get", "dup"]), "");
 }
+
+#[test]
+fn defrag_after_compaction_keeps_the_data() {
+    let s = Server::start();
+    for i in 0..50 {
+        ok(&s, &["put", &format!("d{}", i % 5), &"x".repeat(1000)]);
+    }
+    ok(&s, &["compaction", "--physical", "45"]);
+    let out = ok(&s, &["defrag"]);
+    assert_eq!(
+        out.trim(),
+        format!("Finished defragmenting etcd member[{}]", s.endpoint())
+    );
+    let v = json(&s, &["get", "--prefix", "d", "--keys-only"]);
+    assert_eq!(v["count"], 5, "{v}");
+    assert_eq!(
+        ok(&s, &["get", "d4", "--print-value-only"]).trim(),
+        "x".repeat(1000)
+    );
+}

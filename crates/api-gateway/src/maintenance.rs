@@ -69,10 +69,15 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        Err(Status::new(
-            Code::Unimplemented,
-            "oxcd: defragment is not supported yet",
-        ))
+        // Rewrites the whole engine: off the async workers.
+        let store = self.gw.store().clone();
+        tokio::task::spawn_blocking(move || store.defragment())
+            .await
+            .map_err(|e| Status::internal(format!("defragment task failed: {e}")))?
+            .map_err(StatusError::from)?;
+        Ok(Response::new(DefragmentResponse {
+            header: self.header(),
+        }))
     }
 
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
