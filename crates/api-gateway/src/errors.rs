@@ -2,6 +2,7 @@
 //! so clients that match on etcd's messages (etcdctl, client-go's rpctypes) behave the same.
 
 use applier::{ApplyError, MvccError};
+use lease::LeaseError;
 use raft_node::RaftError;
 use tonic::{Code, Status};
 
@@ -74,10 +75,29 @@ impl From<MvccError> for StatusError {
     }
 }
 
+pub fn lease_status(e: &LeaseError) -> Status {
+    let code = match e {
+        LeaseError::NotFound => Code::NotFound,
+        LeaseError::Exists => Code::FailedPrecondition,
+        LeaseError::TtlTooLarge => Code::OutOfRange,
+        LeaseError::NotPrimary => Code::FailedPrecondition,
+        LeaseError::Stopped => Code::Unavailable,
+        _ => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+impl From<LeaseError> for StatusError {
+    fn from(e: LeaseError) -> Self {
+        StatusError(lease_status(&e))
+    }
+}
+
 impl From<ApplyError> for StatusError {
     fn from(e: ApplyError) -> Self {
         match e {
             ApplyError::Mvcc(m) => m.into(),
+            ApplyError::Lease(l) => l.into(),
             other => StatusError(Status::new(Code::Internal, other.to_string())),
         }
     }
@@ -131,5 +151,17 @@ mod tests {
         assert_eq!(s.message(), "etcdserver: request is too large");
         let s = mvcc_status(&MvccError::LeaseNotFound);
         assert_eq!(s.code(), Code::NotFound);
+        let s = lease_status(&LeaseError::NotFound);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::NotFound, "etcdserver: requested lease not found")
+        );
+        let s = lease_status(&LeaseError::Exists);
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::FailedPrecondition, "etcdserver: lease already exists")
+        );
+        let s = lease_status(&LeaseError::TtlTooLarge);
+        assert_eq!(s.code(), Code::OutOfRange);
     }
 }

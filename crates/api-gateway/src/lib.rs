@@ -12,6 +12,7 @@ pub mod errors;
 pub mod gateway;
 pub mod header;
 pub mod kv;
+pub mod lease_service;
 pub mod maintenance;
 pub mod validate;
 pub mod watch_service;

@@ -5,12 +5,22 @@
 //! restart replays exactly what was not applied yet); the resulting `Events` to the watch hub;
 //! the applied index on a `tokio::sync::watch` channel (linearizable reads wait on it); and the
 //! outcome to the proposer's oneshot, which only the member that proposed the entry holds.
+//! Lease grants, revokes and checkpoints go to the lease task (`lease::LeaseHandle`), and
+//! keys written with a lease are attached to it there; a revoke deletes the lease's keys in
+//! one revision, as etcd does.
+
+mod lease_store;
+
+pub use lease_store::EngineLeaseStore;
 
 use std::time::Instant;
 
+use lease::{LeaseError, LeaseHandle};
 use oxcd_proto::etcdserverpb::{
-    CompactionResponse, DeleteRangeResponse, InternalRaftRequest, PutResponse, TxnResponse,
+    request_op, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, InternalRaftRequest,
+    LeaseGrantResponse, LeaseRevokeResponse, PutResponse, RequestOp, TxnRequest, TxnResponse,
 };
+use oxcd_proto::mvccpb::{event::EventType, Event};
 use prost::Message;
 use raft_node::{Committed, CommittedEntry, EntryKind};
 use tokio::sync::{mpsc, oneshot};
@@ -31,6 +41,8 @@ pub enum ApplyResponse {
         /// Resolves once the compacted revisions are physically gone.
         physical: Option<CompactionWait>,
     },
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
     /// Entries with no client-visible result (raft's empty entries, membership changes).
     Empty {
         revision: i64,
@@ -45,6 +57,8 @@ pub enum ApplyError {
     Decode { index: u64, reason: String },
     #[error("applier: entry at index {index} carries no request")]
     EmptyRequest { index: u64 },
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// Requests that go through raft, as the api-gateway builds them.
@@ -64,6 +78,9 @@ pub struct Applier {
     store: MvccStore,
     events_tx: Option<mpsc::Sender<Events>>,
     applied_tx: tokio::sync::watch::Sender<u64>,
+    /// None: this applier serves no leases (tests of the key-value path); a put naming a
+    /// lease then fails as for an unknown lease.
+    leases: Option<LeaseHandle>,
 }
 
 impl Applier {
@@ -76,7 +93,14 @@ impl Applier {
             store,
             events_tx,
             applied_tx,
+            leases: None,
         }
+    }
+
+    /// Applies lease requests through `leases` and keeps key attachments there.
+    pub fn with_leases(mut self, leases: LeaseHandle) -> Self {
+        self.leases = Some(leases);
+        self
     }
 
     /// Runs until raft-node closes the committed channel. Blocking: give it its own thread,
@@ -134,8 +158,29 @@ impl Applier {
             index,
             reason: e.to_string(),
         })?;
-        // Leases arrive with the lease layer; until then no lease id exists.
-        let lease_exists = |_id: i64| false;
+        let leases = self.leases.clone();
+        let lease_exists = |id: i64| match &leases {
+            Some(l) => matches!(block_on(l.lookup(id)), Ok(Some(_))),
+            None => false,
+        };
+        if let Some(grant) = req.lease_grant.as_ref() {
+            return self.apply_grant(index, grant.id, grant.ttl);
+        }
+        if let Some(revoke) = req.lease_revoke.as_ref() {
+            return self.apply_revoke(index, revoke.id);
+        }
+        if let Some(cp) = req.lease_checkpoint.as_ref() {
+            if let Some(l) = &self.leases {
+                for c in &cp.checkpoints {
+                    // A lease revoked meanwhile has nothing left to checkpoint.
+                    let _ = block_on(l.checkpoint(c.id, c.remaining_ttl));
+                }
+            }
+            let applied = self.store.apply(index, WriteOp::Noop, &lease_exists)?;
+            return Ok(ApplyResponse::Empty {
+                revision: applied.revision,
+            });
+        }
         let op = if let Some(put) = req.put.as_ref() {
             WriteOp::Put(put)
         } else if let Some(del) = req.delete_range.as_ref() {
@@ -149,17 +194,9 @@ impl Applier {
             self.store.apply(index, WriteOp::Noop, &lease_exists)?;
             return Err(ApplyError::EmptyRequest { index });
         };
-        let applied = self.store.apply(index, op, &lease_exists)?;
-        if let (Some(tx), false) = (&self.events_tx, applied.events.is_empty()) {
-            let events = Events {
-                revision: applied.revision,
-                events: applied.events,
-            };
-            // Blocking send: the watch hub drains quickly and must see every revision.
-            if tx.blocking_send(events).is_err() {
-                tracing::debug!("watch hub gone; events dropped");
-            }
-        }
+        let mut applied = self.store.apply(index, op, &lease_exists)?;
+        self.track_attachments(&applied.events);
+        self.publish(applied.revision, std::mem::take(&mut applied.events));
         use mvcc_store::WriteResponse as W;
         Ok(match applied.response {
             W::Put(r) => ApplyResponse::Put(r),
@@ -174,6 +211,126 @@ impl Applier {
             },
         })
     }
+}
+
+impl Applier {
+    fn publish(&self, revision: i64, events: Vec<Event>) {
+        if let (Some(tx), false) = (&self.events_tx, events.is_empty()) {
+            // Blocking send: the watch hub drains quickly and must see every revision.
+            if tx.blocking_send(Events { revision, events }).is_err() {
+                tracing::debug!("watch hub gone; events dropped");
+            }
+        }
+    }
+
+    /// Moves keys between leases as writes change them: a key leaves its old lease when it
+    /// is deleted or rewritten under another, and joins the lease it is written with.
+    fn track_attachments(&self, events: &[Event]) {
+        let Some(leases) = &self.leases else { return };
+        for ev in events {
+            let Some(kv) = &ev.kv else { continue };
+            let old = ev.prev_kv.as_ref().map_or(0, |p| p.lease);
+            let new = if ev.r#type == EventType::Delete as i32 {
+                0
+            } else {
+                kv.lease
+            };
+            if old == new {
+                continue;
+            }
+            if old != 0 {
+                let _ = block_on(leases.detach(old, kv.key.clone()));
+            }
+            if new != 0 {
+                if let Err(e) = block_on(leases.attach(new, kv.key.clone())) {
+                    tracing::warn!(lease = new, error = %e, "key written with a lease the lessor lacks");
+                }
+            }
+        }
+    }
+
+    fn apply_grant(&mut self, index: u64, id: i64, ttl: i64) -> Result<ApplyResponse, ApplyError> {
+        let leases = self
+            .leases
+            .clone()
+            .ok_or(ApplyError::Lease(LeaseError::NotFound))?;
+        let granted = match block_on(leases.grant(id, ttl)) {
+            Ok(info) => Ok(info.ttl),
+            // Replaying a grant whose record outlived the applied index: the gateway refuses
+            // duplicate ids before proposing, so an existing id here is this very grant.
+            Err(LeaseError::Exists) => match block_on(leases.lookup(id)) {
+                Ok(Some(info)) => Ok(info.ttl),
+                _ => Err(LeaseError::Exists),
+            },
+            Err(e) => Err(e),
+        };
+        let applied = self
+            .store
+            .apply(index, mvcc_store::WriteOp::Noop, &|_| false)?;
+        let ttl = granted.map_err(ApplyError::Lease)?;
+        Ok(ApplyResponse::LeaseGrant(LeaseGrantResponse {
+            header: Some(oxcd_proto::etcdserverpb::ResponseHeader {
+                revision: applied.revision,
+                ..Default::default()
+            }),
+            id,
+            ttl,
+            error: String::new(),
+        }))
+    }
+
+    /// Deletes the lease's keys in one revision, then forgets the lease: if the member stops
+    /// in between, the lease is still known and expires (or is revoked) again.
+    fn apply_revoke(&mut self, index: u64, id: i64) -> Result<ApplyResponse, ApplyError> {
+        let leases = self
+            .leases
+            .clone()
+            .ok_or(ApplyError::Lease(LeaseError::NotFound))?;
+        let keys = match block_on(leases.time_to_live(id)) {
+            Ok(t) => t.keys,
+            Err(e) => {
+                self.store
+                    .apply(index, mvcc_store::WriteOp::Noop, &|_| false)?;
+                return Err(ApplyError::Lease(e));
+            }
+        };
+        let txn = TxnRequest {
+            success: keys
+                .into_iter()
+                .map(|key| RequestOp {
+                    request: Some(request_op::Request::RequestDeleteRange(
+                        DeleteRangeRequest {
+                            key,
+                            prev_kv: true,
+                            ..Default::default()
+                        },
+                    )),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let op = if txn.success.is_empty() {
+            mvcc_store::WriteOp::Noop
+        } else {
+            mvcc_store::WriteOp::Txn(&txn)
+        };
+        let mut applied = self.store.apply(index, op, &|_| false)?;
+        if let Err(e) = block_on(leases.revoke(id)) {
+            tracing::warn!(lease = id, error = %e, "lease vanished while being revoked");
+        }
+        self.publish(applied.revision, std::mem::take(&mut applied.events));
+        Ok(ApplyResponse::LeaseRevoke(LeaseRevokeResponse {
+            header: Some(oxcd_proto::etcdserverpb::ResponseHeader {
+                revision: applied.revision,
+                ..Default::default()
+            }),
+        }))
+    }
+}
+
+/// The applier runs on its own thread; lease calls are short round trips to the lease task.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
 }
 
 #[cfg(test)]

@@ -7,15 +7,19 @@ use std::time::Duration;
 
 use api_gateway::cluster::ClusterService;
 use api_gateway::kv::KvService;
+use api_gateway::lease_service::{propose_revoke, LeaseService};
 use api_gateway::maintenance::MaintenanceService;
 use api_gateway::watch_service::{StoreHistory, WatchService};
 use api_gateway::{Gateway, HeaderSource, Limits};
 use applier::Applier;
+use applier::EngineLeaseStore;
+use lease::{LeaseHandle, LeaseTick, Lessor, LessorConfig, SystemClock, TickerConfig};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use mvcc_store::{MvccStore, RocksEngine};
+use mvcc_store::{KvEngine, MvccStore, RocksEngine};
 use oxcd_proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer, Member,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer, InternalRaftRequest,
+    LeaseCheckpoint, LeaseCheckpointRequest, Member, RangeRequest,
 };
 use raft_node::{RaftConfig, RaftNode};
 use tokio::sync::{mpsc, watch as tokio_watch};
@@ -38,6 +42,8 @@ pub enum ServerError {
     Raft(#[from] raft_node::RaftError),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("leases: {0}")]
+    Lease(String),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -111,8 +117,10 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     metrics::gauge!("etcd_server_version", "server_version" => api_gateway::ETCD_VERSION).set(1.0);
     metrics::gauge!("etcd_server_id", "server_id" => format!("{:x}", identity.member_id)).set(1.0);
 
-    let engine = RocksEngine::open(&dd.kv_dir()).map_err(mvcc_store::MvccError::from)?;
-    let store = MvccStore::open(Arc::new(engine))?;
+    let engine: Arc<dyn KvEngine> =
+        Arc::new(RocksEngine::open(&dd.kv_dir()).map_err(mvcc_store::MvccError::from)?);
+    let store = MvccStore::open(engine.clone())?;
+    let lessor = open_lessor(&cfg, engine, &store)?;
     let applied = store.applied_index();
 
     // Channels between the layers.
@@ -136,15 +144,20 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
 
     // Bounded: a hub that falls behind slows applying rather than growing memory.
     let (events_tx, events_rx) = mpsc::channel(1024);
-    let applier = Applier::new(store.clone(), Some(events_tx), applied_tx);
-    let applier_thread = std::thread::Builder::new()
-        .name("applier".into())
-        .spawn(move || applier.run(committed_rx))?;
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("oxcd")
         .build()?;
+    let (leases, _lease_task) = {
+        let _in_runtime = rt.enter();
+        LeaseHandle::spawn(lessor, 1024)
+    };
+    let applier =
+        Applier::new(store.clone(), Some(events_tx), applied_tx).with_leases(leases.clone());
+    let applier_thread = std::thread::Builder::new()
+        .name("applier".into())
+        .spawn(move || applier.run(committed_rx))?;
+
     let result = rt.block_on(serve(
         &cfg,
         identity,
@@ -152,6 +165,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         raft_tx,
         applied_rx,
         events_rx,
+        leases,
         metrics,
         client_addrs,
         metrics_addrs,
@@ -174,6 +188,7 @@ async fn serve(
     raft_tx: mpsc::Sender<raft_node::RaftCommand<applier::Responder>>,
     applied_rx: tokio_watch::Receiver<u64>,
     events_rx: mpsc::Receiver<watch::Events>,
+    leases: LeaseHandle,
     metrics: PrometheusHandle,
     client_addrs: Vec<SocketAddr>,
     metrics_addrs: Vec<SocketAddr>,
@@ -215,7 +230,11 @@ async fn serve(
     )
     .add_service(MaintenanceServer::new(MaintenanceService::new(gw.clone())))
     .add_service(ClusterServer::new(ClusterService::new(gw.clone())))
-    .add_service(WatchServer::new(WatchService::new(gw.clone(), hub)));
+    .add_service(WatchServer::new(WatchService::new(gw.clone(), hub)))
+    .add_service(LeaseServer::new(LeaseService::new(
+        gw.clone(),
+        leases.clone(),
+    )));
 
     let state = HttpState {
         gw: gw.clone(),
@@ -236,6 +255,14 @@ async fn serve(
         servers.push(listen(addr, metrics_app.clone(), stop_rx.clone()).await?);
     }
     tokio::spawn(report_status(gw.clone(), store));
+    tokio::spawn(lease_leadership(
+        gw.clone(),
+        leases.clone(),
+        Duration::from_millis(cfg.election_timeout),
+    ));
+    let (tick_tx, tick_rx) = mpsc::channel(16);
+    leases.spawn_ticker(TickerConfig::default(), tick_tx);
+    tokio::spawn(propose_lease_ticks(gw.clone(), tick_rx));
     tracing::info!("ready to serve client requests");
 
     wait_for_signal().await;
@@ -274,6 +301,87 @@ async fn listen(
             tracing::error!(%addr, error = %e, "server error");
         }
     }))
+}
+
+/// Lease records from the engine, with every live key that names a lease attached to it.
+fn open_lessor(
+    cfg: &Config,
+    engine: Arc<dyn KvEngine>,
+    store: &MvccStore,
+) -> Result<Lessor, ServerError> {
+    let lease_cfg = LessorConfig::for_timing(
+        Duration::from_millis(cfg.heartbeat_interval.max(1)),
+        Duration::from_millis(cfg.election_timeout.max(1)),
+    );
+    let mut lessor = Lessor::new(
+        lease_cfg,
+        Arc::new(SystemClock),
+        Box::new(EngineLeaseStore::new(engine)),
+    )
+    .map_err(|e| ServerError::Lease(e.to_string()))?;
+    let all = store.range(&RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    })?;
+    for kv in all.kvs.into_iter().filter(|kv| kv.lease != 0) {
+        if lessor.attach(kv.lease, &kv.key).is_err() {
+            tracing::warn!(lease = %format!("{:x}", kv.lease), "key names a lease that no longer exists");
+        }
+    }
+    Ok(lessor)
+}
+
+/// Only the leader tracks lease deadlines; follow raft's leadership.
+async fn lease_leadership(gw: Gateway, leases: LeaseHandle, extend: Duration) {
+    let mut primary = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let Ok(status) = gw.raft_status().await else {
+            return;
+        };
+        if status.is_leader != primary {
+            let changed = if status.is_leader {
+                leases.promote(extend).await
+            } else {
+                leases.demote().await
+            };
+            if changed.is_err() {
+                return;
+            }
+            primary = status.is_leader;
+        }
+    }
+}
+
+/// Expired leases and due checkpoints become raft proposals, so every member applies them.
+async fn propose_lease_ticks(gw: Gateway, mut ticks: mpsc::Receiver<LeaseTick>) {
+    while let Some(tick) = ticks.recv().await {
+        match tick {
+            LeaseTick::Revoke(ids) => {
+                for id in ids {
+                    if let Err(e) = propose_revoke(&gw, id).await {
+                        tracing::debug!(lease = %format!("{id:x}"), status = %e.0, "expired lease not revoked yet");
+                    }
+                }
+            }
+            LeaseTick::Checkpoint(list) => {
+                let req = InternalRaftRequest {
+                    lease_checkpoint: Some(LeaseCheckpointRequest {
+                        checkpoints: list
+                            .into_iter()
+                            .map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl })
+                            .collect(),
+                    }),
+                    ..Default::default()
+                };
+                if let Err(e) = gw.propose(req).await {
+                    tracing::debug!(status = %e.0, "lease checkpoint not proposed");
+                }
+            }
+        }
+    }
 }
 
 /// Keeps header terms and the gauges dashboards read up to date.
