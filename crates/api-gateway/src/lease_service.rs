@@ -35,7 +35,7 @@ impl LeaseService {
 }
 
 /// A server-chosen lease id: positive, unlikely to collide, never 0 (0 means "no lease").
-fn new_lease_id() -> i64 {
+pub(crate) fn new_lease_id() -> i64 {
     loop {
         let id = rand::random::<i64>() & i64::MAX;
         if id != 0 {

@@ -14,6 +14,7 @@ pub mod header;
 pub mod kv;
 pub mod lease_service;
 pub mod maintenance;
+pub mod recipes;
 pub mod validate;
 pub mod watch_service;
 

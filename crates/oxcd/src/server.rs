@@ -9,6 +9,7 @@ use api_gateway::cluster::ClusterService;
 use api_gateway::kv::KvService;
 use api_gateway::lease_service::{propose_revoke, LeaseService};
 use api_gateway::maintenance::MaintenanceService;
+use api_gateway::recipes::{ElectionService, LockService};
 use api_gateway::watch_service::{StoreHistory, WatchService};
 use api_gateway::{Gateway, HeaderSource, Limits};
 use applier::Applier;
@@ -21,6 +22,8 @@ use oxcd_proto::etcdserverpb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer, InternalRaftRequest,
     LeaseCheckpoint, LeaseCheckpointRequest, Member, RangeRequest,
 };
+use oxcd_proto::v3electionpb::election_server::ElectionServer;
+use oxcd_proto::v3lockpb::lock_server::LockServer;
 use raft_node::{RaftConfig, RaftNode};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use watch::{WatchConfig, WatchHub};
@@ -230,7 +233,9 @@ async fn serve(
     )
     .add_service(MaintenanceServer::new(MaintenanceService::new(gw.clone())))
     .add_service(ClusterServer::new(ClusterService::new(gw.clone())))
-    .add_service(WatchServer::new(WatchService::new(gw.clone(), hub)))
+    .add_service(WatchServer::new(WatchService::new(gw.clone(), hub.clone())))
+    .add_service(LockServer::new(LockService::new(gw.clone(), hub.clone())))
+    .add_service(ElectionServer::new(ElectionService::new(gw.clone(), hub)))
     .add_service(LeaseServer::new(LeaseService::new(
         gw.clone(),
         leases.clone(),
