@@ -1,26 +1,19 @@
 //! The server under test through the `etcd-client` crate: response fields and gRPC error codes
 //! and messages as etcd 3.4 returns them.
 
+mod common;
+
 use std::time::Duration;
 
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, Error,
-    GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    Client, CompactionOptions, Compare, CompareOp, DeleteOptions, Error, GetOptions, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use oxcd_tests::Server;
 use tonic::Code;
 
 async fn connect(s: &Server) -> Client {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(10));
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        Client::connect([s.endpoint()], Some(opts)),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect")
+    common::connect_with(s, Duration::from_secs(10)).await
 }
 
 /// The gRPC code and message of a failed call.

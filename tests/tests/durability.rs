@@ -1,23 +1,16 @@
 //! Crash and restart: what the server acknowledged must survive a SIGKILL, and a graceful
 //! SIGTERM must exit cleanly and keep everything.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, GetOptions};
 use oxcd_tests::{server_is_etcd, Server};
 
 async fn connect(s: &Server) -> Client {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(5));
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        Client::connect([s.endpoint()], Some(opts)),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect")
+    common::connect_with(s, Duration::from_secs(5)).await
 }
 
 const WRITERS: usize = 8;

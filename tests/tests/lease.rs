@@ -2,25 +2,16 @@
 //! expiry within etcd's tolerance, keep-alive, revoke deleting attached keys in one revision,
 //! leases surviving a restart, and etcd's errors.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use etcd_client::{
-    Client, ConnectOptions, EventType, LeaseTimeToLiveOptions, PutOptions, WatchOptions,
-};
+use etcd_client::{Client, EventType, LeaseTimeToLiveOptions, PutOptions, WatchOptions};
 use oxcd_tests::{etcd_available, etcdctl, server_bin, ConfigVia, Server, ETCD_BIN};
 
 async fn connect(s: &Server) -> Client {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(10));
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        Client::connect([s.endpoint()], Some(opts)),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect")
+    common::connect_with(s, Duration::from_secs(10)).await
 }
 
 async fn exists(c: &mut Client, key: &str) -> bool {

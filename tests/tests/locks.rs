@@ -1,23 +1,16 @@
 //! Locks and elections: the v3lock and v3election gRPC services through the `etcd-client`
 //! crate, and `etcdctl lock` / `etcdctl elect` (client-side recipes over KV, lease and watch).
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, LockOptions, ProclaimOptions, ResignOptions};
+use etcd_client::{Client, LockOptions, ProclaimOptions, ResignOptions};
 use oxcd_tests::{Server, ETCDCTL_BIN};
 
 async fn connect(s: &Server) -> Client {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(30));
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        Client::connect([s.endpoint()], Some(opts)),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect")
+    common::connect_with(s, Duration::from_secs(30)).await
 }
 
 /// Critical sections (enter, exit) recorded by every contender.

@@ -2,26 +2,19 @@
 //! store's history from its start revision on — ordered, no duplicates, no gaps — for live,
 //! historic, resumed and slow watchers; plus etcd's answers for compacted and future starts.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, CompactionOptions, ConnectOptions, EventType, PutOptions, Txn, TxnOp, WatchFilterType,
-    WatchOptions, WatchStream,
+    Client, CompactionOptions, EventType, PutOptions, Txn, TxnOp, WatchFilterType, WatchOptions,
+    WatchStream,
 };
 use oxcd_tests::{http_get, Server};
 
 async fn connect(s: &Server) -> Client {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(20));
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        Client::connect([s.endpoint()], Some(opts)),
-    )
-    .await
-    .expect("connect timed out")
-    .expect("connect")
+    common::connect_with(s, Duration::from_secs(20)).await
 }
 
 /// One change as a watcher sees it: (revision, PUT/DELETE, key, value).
