@@ -150,8 +150,9 @@ fn run(bin: &Path) -> Vec<String> {
     w.send("watch --prev-kv --rev 6 --prefix k/");
     record("interactive", w.finish(quiet));
 
-    // Live: the watch starts before the writes it reports.
-    let w = WatchCmd::start(&ep, &["watch", "--prefix", "live/"]);
+    // Live: the watch starts before the writes it reports (from revision 9, the next one,
+    // so a slow start cannot lose the first events).
+    let w = WatchCmd::start(&ep, &["watch", "--prefix", "--rev", "9", "live/"]);
     std::thread::sleep(Duration::from_millis(1000));
     ctl(&ep, &["put", "live/x", "1"], None);
     ctl(&ep, &["put", "live/y", "2"], None);

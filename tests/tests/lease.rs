@@ -227,6 +227,26 @@ fn sort_attached_keys(text: &str) -> String {
     )
 }
 
+/// `lease list` order is map order in etcd (random) and id order in oxcd; compare as a set.
+fn sort_lease_list(text: &str) -> String {
+    let Some(found) = text.find("found ") else {
+        return text.to_string();
+    };
+    let Some(body) = text[found..].find('\n').map(|i| found + i + 1) else {
+        return text.to_string();
+    };
+    let end = text[body..].find("error:").map_or(text.len(), |i| body + i);
+    let mut ids: Vec<&str> = text[body..end].lines().collect();
+    ids.sort_unstable();
+    let mut out = text[..body].to_string();
+    for id in ids {
+        out.push_str(id);
+        out.push('\n');
+    }
+    out.push_str(&text[end..]);
+    out
+}
+
 fn run_lease_script(bin: &Path) -> Vec<String> {
     let mut server = Server::spawn_new(bin, &[], ConfigVia::Flags);
     server.wait_healthy(oxcd_tests::START_TIMEOUT);
@@ -280,7 +300,7 @@ fn run_lease_script(bin: &Path) -> Vec<String> {
             let t = t
                 .replace("remaining(99s)", "remaining(100s)")
                 .replace("remaining(199s)", "remaining(200s)");
-            sort_attached_keys(&t)
+            sort_lease_list(&sort_attached_keys(&t))
         })
         .collect()
 }
