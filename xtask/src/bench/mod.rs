@@ -36,7 +36,8 @@ pub enum Profile {
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Scenarios to run (default: all): put, put-serial, range-l, range-s, txn-put,
-    /// watch-latency, watch-fanout, lease-keepalive.
+    /// watch-latency, watch-fanout (10k watchers), watch-fanout-100k (full runs only),
+    /// lease-keepalive.
     pub scenarios: Vec<String>,
     /// Members per server: 1, or 3 for a loopback cluster.
     #[arg(long, default_value_t = 1)]
@@ -103,7 +104,7 @@ enum Work {
     Lease(LeaseArgs),
 }
 
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
     "put",
     "put-serial",
     "range-l",
@@ -111,6 +112,7 @@ pub const SCENARIOS: [&str; 8] = [
     "txn-put",
     "watch-latency",
     "watch-fanout",
+    "watch-fanout-100k",
     "lease-keepalive",
 ];
 
@@ -241,9 +243,14 @@ fn scenario(name: &'static str, quick: bool, scale: f64) -> Scenario {
                 work: Work::Watch(a),
             }
         }
-        "watch-fanout" => {
+        "watch-fanout" | "watch-fanout-100k" => {
+            let big = name == "watch-fanout-100k";
             let mut a = WatchArgs::fanout_defaults();
-            a.streams = if quick { 10 } else { 100 };
+            a.streams = match (quick, big) {
+                (true, _) => 10,
+                (false, false) => 100,
+                (false, true) => 1000,
+            };
             a.watchers_per_stream = if quick { 10 } else { 100 };
             a.put_total = s(100, 20);
             a.put_rate = 20.0;
@@ -408,7 +415,12 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
     let quick = args.quick;
     let scenarios: Vec<&'static str> =
         if args.scenarios.is_empty() || args.scenarios.iter().any(|s| s == "all") {
-            SCENARIOS.to_vec()
+            // The 100k-watcher fan-out only differs from watch-fanout at full scale.
+            SCENARIOS
+                .iter()
+                .copied()
+                .filter(|n| !(quick && *n == "watch-fanout-100k"))
+                .collect()
         } else {
             let mut v = Vec::new();
             for s in &args.scenarios {
