@@ -451,3 +451,18 @@ async fn maintenance_and_cluster_calls() {
     assert_eq!(m.peer_urls(), [s.spec().peer_url()]);
     assert_eq!(m.client_urls(), [s.client_url()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_not_served_is_unimplemented_with_its_name() {
+    if oxcd_tests::server_is_etcd() {
+        eprintln!("skipped: etcd serves Auth");
+        return;
+    }
+    let s = Server::start();
+    let mut c = connect(&s).await;
+    let (code, msg) = grpc_error(c.user_list().await);
+    assert_eq!(code, Code::Unimplemented);
+    assert_eq!(msg, "unknown service etcdserverpb.Auth");
+    // The connection still serves everything else.
+    c.put("after", "v", None).await.unwrap();
+}

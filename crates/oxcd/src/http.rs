@@ -78,8 +78,9 @@ async fn check(gw: &Gateway) -> Result<(), String> {
     }
 }
 
-/// Unknown paths: gRPC clients get `unimplemented`, as tonic answers an unknown method;
-/// anyone else gets the plain 404 etcd's HTTP mux sends.
+/// Unknown paths: a gRPC call to a service oxcd does not serve (Auth, for now) gets
+/// `Unimplemented` naming the service, as gRPC servers answer; anyone else gets the plain 404
+/// etcd's HTTP mux sends.
 pub async fn fallback(req: axum::extract::Request) -> axum::response::Response {
     let is_grpc = req
         .headers()
@@ -87,7 +88,10 @@ pub async fn fallback(req: axum::extract::Request) -> axum::response::Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     if is_grpc {
-        tonic::Status::unimplemented("").into_http()
+        // gRPC paths are /<package.Service>/<Method>.
+        let service = req.uri().path().trim_start_matches('/');
+        let service = service.split('/').next().unwrap_or_default();
+        tonic::Status::unimplemented(format!("unknown service {service}")).into_http()
     } else {
         (StatusCode::NOT_FOUND, "404 page not found\n").into_response()
     }
