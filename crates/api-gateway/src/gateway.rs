@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use applier::{encode_request, ApplyResponse, MvccStore, Responder};
-use oxcd_proto::etcdserverpb::{InternalRaftRequest, Member, RequestHeader};
+use oxcd_proto::etcdserverpb::{
+    InternalRaftRequest, Member, RangeRequest, RangeResponse, RequestHeader,
+};
 use raft_node::{RaftCommand, RaftStatus};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -148,6 +150,19 @@ impl Gateway {
             Ok(Err(_)) => Err(GatewayError::Stopped.into()),
             Err(_) => Err(GatewayError::Timeout.into()),
         }
+    }
+
+    /// A Range as every service serves it: behind a read barrier unless serializable, with the
+    /// response header filled.
+    pub async fn range(&self, req: &RangeRequest) -> Result<RangeResponse, StatusError> {
+        if !req.serializable {
+            self.read_barrier().await?;
+        }
+        let store = self.store();
+        let mut resp = store.range(req)?;
+        self.headers()
+            .fill(&mut resp.header, store.current_revision());
+        Ok(resp)
     }
 
     pub async fn raft_status(&self) -> Result<RaftStatus, StatusError> {

@@ -8,7 +8,6 @@ use oxcd_proto::etcdserverpb::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::errors::StatusError;
 use crate::gateway::Gateway;
 use crate::validate;
 
@@ -35,15 +34,7 @@ impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let req = req.into_inner();
         validate::check_range(&req)?;
-        if !req.serializable {
-            self.gw.read_barrier().await?;
-        }
-        let store = self.gw.store();
-        let mut resp = store.range(&req).map_err(StatusError::from)?;
-        self.gw
-            .headers()
-            .fill(&mut resp.header, store.current_revision());
-        Ok(Response::new(resp))
+        Ok(Response::new(self.gw.range(&req).await?))
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {

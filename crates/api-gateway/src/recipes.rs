@@ -69,14 +69,7 @@ impl Recipes {
     }
 
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
-        self.gw.read_barrier().await?;
-        let mut r = self
-            .gw
-            .store()
-            .range(&req)
-            .map_err(crate::errors::StatusError::from)?;
-        self.gw.headers().fill(&mut r.header, 0);
-        Ok(r)
+        Ok(self.gw.range(&req).await?)
     }
 
     /// The oldest (`first`) or newest key under `prefix`, optionally created at or below
