@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs every check: formatting, clippy (warnings are errors), all unit and end-to-end tests
 # (real oxcd processes driven by etcdctl and the etcd-client crate, differential runs against
-# etcd 3.4), and a short benchmark smoke run. Installs missing Debian packages first.
+# etcd 3.4), and a short benchmark smoke run. Installs missing Debian and Python packages first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
 oxcd_check_cargo
-oxcd_install_packages clang libclang-dev g++ make protobuf-compiler libprotobuf-dev etcd-server etcd-client
+oxcd_install_packages clang libclang-dev g++ make protobuf-compiler libprotobuf-dev etcd-server etcd-client prometheus
+oxcd_install_pip_packages kubernetes-validate==1.37.0
 
 echo ">> cargo fmt --check"
 cargo fmt --all -- --check
