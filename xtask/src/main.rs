@@ -3,13 +3,18 @@
 //! - `load <scenario>`: the etcd v3 load generator against running servers (loopback only).
 //! - `bench`: starts oxcd and etcd 3.4 with the same flags and compares them scenario by
 //!   scenario; writes the table into BENCHMARKS.md. `bench --quick` is the CI smoke run.
+//! - `cluster up|down|status`: a local oxcd (or etcd) cluster on loopback that outlives the
+//!   command; state in `target/cluster/cluster.json`.
 //! - `fsync-probe`: the raw fsync rate of a directory's disk.
 //!
-//! Reads nothing but its arguments; talks to servers over gRPC and writes reports to
-//! stdout (JSON lines), stderr (people) and BENCHMARKS.md.
+//! Reads nothing but its arguments (and the cluster state file); talks to servers over gRPC
+//! and HTTP and writes reports to stdout (JSON lines, cluster tables), stderr (people) and
+//! BENCHMARKS.md.
 
 mod bench;
+mod cluster;
 mod error;
+mod launch;
 mod loadgen;
 
 use std::path::PathBuf;
@@ -39,6 +44,9 @@ enum Task {
     },
     /// Compare oxcd with etcd 3.4: throughput, latency, peak RSS, CPU per operation.
     Bench(bench::BenchArgs),
+    /// Run a local cluster on loopback: `up` starts it detached, `status` shows each member,
+    /// `down` stops it.
+    Cluster(cluster::ClusterArgs),
     /// Measure the raw fsync rate (4 KiB write + fdatasync) of a directory's disk.
     FsyncProbe {
         /// Directory on the disk to measure.
@@ -171,6 +179,12 @@ fn main() -> ExitCode {
     };
     // Everything runs inside block_on on this thread: servers started by `bench` are tied to it
     // (see bench::server), and Ctrl-C drops the running future, whose guards stop them.
+    // Members started by `cluster up` are detached and keep running.
+    let interrupted = if matches!(cli.task, Task::Cluster(_)) {
+        "xtask: interrupted; members already started keep running (see `cargo xtask cluster status`)"
+    } else {
+        "xtask: interrupted; stopping the servers it started"
+    };
     let outcome = runtime.block_on(async {
         let work = async {
             match cli.task {
@@ -181,13 +195,14 @@ fn main() -> ExitCode {
                     Ok(if report.errors > 0 { 1 } else { 0 })
                 }
                 Task::Bench(args) => bench::run(args).await,
+                Task::Cluster(args) => cluster::run(args).await,
                 Task::FsyncProbe { dir, seconds } => bench::fsync_probe(&dir, seconds).map(|()| 0),
             }
         };
         tokio::select! {
             r = work => r,
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("xtask: interrupted; stopping the servers it started");
+                eprintln!("{interrupted}");
                 Ok(130)
             }
         }

@@ -341,15 +341,20 @@ pub struct Context {
     pub wall_s: f64,
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
 }
 
-/// Builds packages with cargo and returns the path of each named binary.
-fn cargo_build(packages: &[&str], profile: Profile) -> Result<BTreeMap<String, PathBuf>> {
+/// Builds packages with cargo and returns the path of each named binary; `task` prefixes the
+/// command line shown on stderr.
+pub(crate) fn cargo_build(
+    task: &str,
+    packages: &[&str],
+    profile: Profile,
+) -> Result<BTreeMap<String, PathBuf>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(workspace_root())
@@ -370,7 +375,7 @@ fn cargo_build(packages: &[&str], profile: Profile) -> Result<BTreeMap<String, P
         },
         packages.join(" -p ")
     );
-    eprintln!("bench: {shown}");
+    eprintln!("{task}: {shown}");
     let out = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -470,11 +475,11 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
         // One cargo call, so both build in parallel; xtask in the same profile as oxcd.
         let build_profile = if reexec { Profile::Release } else { profile };
         if reexec && profile != Profile::Release && pkgs.contains(&"oxcd") {
-            let bins = cargo_build(&["oxcd"], profile)?;
+            let bins = cargo_build("bench", &["oxcd"], profile)?;
             oxcd_bin = bins.get("oxcd").cloned();
             pkgs.retain(|p| *p != "oxcd");
         }
-        let bins = cargo_build(&pkgs, build_profile)?;
+        let bins = cargo_build("bench", &pkgs, build_profile)?;
         if oxcd_bin.is_none() && servers.contains(&ServerKind::Oxcd) {
             oxcd_bin = Some(bins.get("oxcd").cloned().ok_or_else(|| Error::Command {
                 command: "cargo build -p oxcd".into(),

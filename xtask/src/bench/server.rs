@@ -5,11 +5,10 @@
 //! without unwinding (PR_SET_PDEATHSIG); that signal follows the spawning thread, which is the
 //! main thread here because the benchmark runs in the runtime's `block_on` future.
 
-use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,27 +16,11 @@ use oxcd_proto::etcdserverpb::kv_client::KvClient;
 use oxcd_proto::etcdserverpb::RangeRequest;
 
 use crate::error::{Error, Result};
+use crate::launch::{self, log_tail, MemberSpec};
+pub use crate::launch::{version_of, ServerKind};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(5);
-
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ServerKind {
-    Oxcd,
-    Etcd,
-}
-
-impl ServerKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            ServerKind::Oxcd => "oxcd",
-            ServerKind::Etcd => "etcd",
-        }
-    }
-}
 
 /// Next port to try; starts at a point derived from our PID so parallel runs rarely collide.
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
@@ -101,17 +84,6 @@ impl Drop for Member {
     }
 }
 
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
-    let mut tail: String = tail.chars().take(400).collect();
-    if tail.is_empty() {
-        tail = "(no output)".into();
-    }
-    tail
-}
-
 /// A server under test: one member or a cluster on loopback.
 pub struct Cluster {
     pub kind: ServerKind,
@@ -151,58 +123,31 @@ impl Cluster {
         for _ in 0..nodes {
             ports.push((pick_port()?, pick_port()?));
         }
-        let initial_cluster = ports
+        let specs: Vec<MemberSpec> = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-            .collect::<Vec<_>>()
-            .join(",");
+            .map(|(i, (client, peer))| {
+                let name = format!("m{i}");
+                MemberSpec {
+                    client_url: format!("http://127.0.0.1:{client}"),
+                    peer_url: format!("http://127.0.0.1:{peer}"),
+                    metrics_url: None,
+                    data_dir: dir.join(format!("{name}.data")),
+                    log: dir.join(format!("{name}.log")),
+                    name,
+                }
+            })
+            .collect();
+        let initial_cluster = launch::initial_cluster(&specs);
+        let token = format!("bench-{}", std::process::id());
         let mut cluster = Cluster {
             kind,
             members: Vec::with_capacity(nodes),
         };
-        for (i, (client, peer)) in ports.iter().enumerate() {
-            let name = format!("m{i}");
-            let data = dir.join(format!("{name}.data"));
-            let log = dir.join(format!("{name}.log"));
-            let client_url = format!("http://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let out = File::create(&log)
-                .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
-            let err = out.try_clone().map_err(|e| Error::io("dup log file", e))?;
-            let mut cmd = Command::new(bin);
-            cmd.arg("--name")
-                .arg(&name)
-                .arg("--data-dir")
-                .arg(&data)
-                .arg("--listen-client-urls")
-                .arg(&client_url)
-                .arg("--advertise-client-urls")
-                .arg(&client_url)
-                .arg("--listen-peer-urls")
-                .arg(&peer_url)
-                .arg("--initial-advertise-peer-urls")
-                .arg(&peer_url)
-                .arg("--initial-cluster")
-                .arg(&initial_cluster)
-                .arg("--initial-cluster-state")
-                .arg("new")
-                .arg("--initial-cluster-token")
-                .arg(format!("bench-{}", std::process::id()))
-                .arg("--logger")
-                .arg("zap")
-                .arg("--log-level")
-                .arg("warn")
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                // Own process group: a terminal Ctrl-C reaches us, and we stop the server ourselves.
-                .process_group(0);
-            for (k, _) in std::env::vars_os() {
-                if k.to_string_lossy().starts_with("ETCD_") {
-                    cmd.env_remove(k);
-                }
-            }
+        for spec in specs {
+            let mut cmd = launch::member_command(bin, &spec, &initial_cluster, &token, "warn")?;
+            // Own process group: a terminal Ctrl-C reaches us, and we stop the server ourselves.
+            cmd.process_group(0);
             // SAFETY: prctl is async-signal-safe and touches only the child's own attributes.
             unsafe {
                 cmd.pre_exec(|| {
@@ -224,11 +169,11 @@ impl Cluster {
                 reason: format!("cannot run {}: {e}", bin.display()),
             })?;
             cluster.members.push(Member {
-                name,
+                name: spec.name,
                 pid: child.id(),
-                client_url,
+                client_url: spec.client_url,
                 child,
-                log,
+                log: spec.log,
             });
         }
         for m in &mut cluster.members {
@@ -271,24 +216,4 @@ async fn wait_ready(kind: ServerKind, m: &mut Member) -> Result<()> {
         "no linearizable read within {READY_TIMEOUT:?} (last: {last_err}); log: {}",
         m.log_tail()
     )))
-}
-
-/// `BIN --version`, first line (and etcd's Go version line).
-pub fn version_of(bin: &Path) -> String {
-    match Command::new(bin).arg("--version").output() {
-        Ok(out) => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| l.contains("Version") && !l.starts_with("etcd API"))
-                .map(str::trim)
-                .collect();
-            if lines.is_empty() {
-                "unknown version".into()
-            } else {
-                lines.join(", ")
-            }
-        }
-        Err(e) => format!("unknown version ({e})"),
-    }
 }
