@@ -9,7 +9,7 @@
 mod storage;
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,7 +59,19 @@ impl Default for RaftConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
     Normal,
+    /// A membership change raft has applied to its configuration.
     ConfChange,
+    /// A membership change raft refused (e.g. it would leave no voter); nothing changed.
+    RejectedConfChange,
+}
+
+/// Decodes the payload of a `ConfChange` entry.
+pub fn decode_conf_change(data: &[u8]) -> Result<ConfChange, RaftError> {
+    use protobuf::Message as _;
+    let mut cc = ConfChange::default();
+    cc.merge_from_bytes(data)
+        .map_err(|e| RaftError::BadState(format!("conf change: {e}")))?;
+    Ok(cc)
 }
 
 /// A request to the raft layer. `R` is the caller's responder (e.g. a oneshot sender); raft-node
@@ -171,6 +183,12 @@ impl RaftHandle {
     }
 }
 
+struct Pending<R> {
+    reply: R,
+    term: u64,
+    at_tick: u64,
+}
+
 type ReadWaiter = oneshot::Sender<Result<u64, RaftError>>;
 
 /// One read-index round handed to raft, with the leadership it was asked under.
@@ -185,10 +203,13 @@ pub struct RaftNode<R> {
     raw: RawNode<WalStorage>,
     transport: Box<dyn Transport>,
     committed_tx: mpsc::Sender<Committed<R>>,
-    /// Responders of proposals made here, by the log index their entry was appended at, with
-    /// the id that entry carries in its context. Both must match on commit: after a restart
-    /// the log still holds entries whose contexts reuse ids.
-    pending: BTreeMap<u64, (u64, R)>,
+    /// Responders of proposals made here, by the id their entry carries in its context. A
+    /// follower forwards its proposals to the leader, so the log index is unknown until the
+    /// entry commits; the context travels with the entry and finds the responder again.
+    pending: HashMap<u64, Pending<R>>,
+    /// Ticks a proposal may wait for its entry before its responder is dropped (the entry was
+    /// lost with a leader; the caller has long timed out).
+    proposal_patience: u64,
     next_proposal: u64,
     /// Read-index requests that arrived since the last round went to raft.
     queued_reads: Vec<ReadWaiter>,
@@ -263,7 +284,8 @@ impl<R: Send + 'static> RaftNode<R> {
             raw,
             transport,
             committed_tx,
-            pending: BTreeMap::new(),
+            pending: HashMap::new(),
+            proposal_patience: 10 * cfg.election_tick as u64,
             // A random start keeps ids of this run apart from those already in the log.
             next_proposal: RandomState::new().hash_one(cfg.id),
             queued_reads: Vec::new(),
@@ -335,6 +357,7 @@ impl<R: Send + 'static> RaftNode<R> {
             if Instant::now() >= next_tick {
                 self.raw.tick();
                 self.ticks += 1;
+                self.expire_proposals();
                 next_tick = Instant::now() + tick;
             }
             if let Err(e) = self.process() {
@@ -393,23 +416,33 @@ impl<R: Send + 'static> RaftNode<R> {
         propose: impl FnOnce(&mut RawNode<WalStorage>, Vec<u8>) -> raft::Result<()>,
     ) {
         self.stats.proposals.fetch_add(1, Ordering::Relaxed);
-        if self.raw.raft.state != StateRole::Leader {
-            // Only the leader appends here. Forwarding to a known leader belongs at this
-            // point; raft's own forwarding would leave the caller unanswered.
-            tracing::debug!(
-                leader = self.raw.raft.leader_id,
-                "raft: not leader, proposal dropped"
-            );
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            tracing::debug!("raft: no leader, proposal dropped");
             return;
         }
         let id = self.next_proposal;
         self.next_proposal = self.next_proposal.wrapping_add(1);
+        // On a follower raft forwards the entry to the leader (MsgPropose); it commits with
+        // its context, wherever it was appended.
         match propose(&mut self.raw, id.to_le_bytes().to_vec()) {
             Ok(()) => {
-                let index = self.raw.raft.raft_log.last_index();
-                self.pending.insert(index, (id, reply));
+                self.pending.insert(
+                    id,
+                    Pending {
+                        reply,
+                        term: self.raw.raft.term,
+                        at_tick: self.ticks,
+                    },
+                );
             }
             Err(e) => tracing::debug!(error = %e, "raft: proposal dropped"),
+        }
+    }
+
+    fn expire_proposals(&mut self) {
+        let (now, patience) = (self.ticks, self.proposal_patience);
+        if now % 8 == 0 && !self.pending.is_empty() {
+            self.pending.retain(|_, p| now - p.at_tick <= patience);
         }
     }
 
@@ -544,8 +577,11 @@ impl<R: Send + 'static> RaftNode<R> {
             let kind = match e.get_entry_type() {
                 EntryType::EntryNormal => EntryKind::Normal,
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    self.apply_conf_change(&e);
-                    EntryKind::ConfChange
+                    if self.apply_conf_change(&e) {
+                        EntryKind::ConfChange
+                    } else {
+                        EntryKind::RejectedConfChange
+                    }
                 }
             };
             let reply = self.take_responder(&e);
@@ -568,22 +604,18 @@ impl<R: Send + 'static> RaftNode<R> {
         }
     }
 
-    /// The responder of a proposal made here that committed as `e`. A proposal waiting at this
-    /// index (or below it: those indexes are already past) whose entry was replaced by another
-    /// leader's is lost, so its responder is dropped.
+    /// The responder of a proposal made here that committed as `e`.
     fn take_responder(&mut self, e: &Entry) -> Option<R> {
-        while let Some(first) = self.pending.first_entry() {
-            if *first.key() >= e.index {
-                break;
-            }
-            first.remove();
+        if self.pending.is_empty() {
+            return None;
         }
-        let (id, reply) = self.pending.remove(&e.index)?;
         let ctx = <[u8; 8]>::try_from(e.get_context()).ok()?;
-        (u64::from_le_bytes(ctx) == id).then_some(reply)
+        self.pending
+            .remove(&u64::from_le_bytes(ctx))
+            .map(|p| p.reply)
     }
 
-    fn apply_conf_change(&mut self, e: &Entry) {
+    fn apply_conf_change(&mut self, e: &Entry) -> bool {
         use protobuf::Message as _;
         let result = if e.get_entry_type() == EntryType::EntryConfChange {
             let mut cc = ConfChange::default();
@@ -601,8 +633,12 @@ impl<R: Send + 'static> RaftNode<R> {
                 if let Err(err) = self.raw.mut_store().set_conf_state(cs) {
                     tracing::error!(error = %err, "raft: cannot persist conf state");
                 }
+                true
             }
-            Err(err) => tracing::warn!(index = e.index, error = %err, "raft: bad conf change"),
+            Err(err) => {
+                tracing::warn!(index = e.index, error = %err, "raft: bad conf change");
+                false
+            }
         }
     }
 
@@ -618,10 +654,12 @@ impl<R: Send + 'static> RaftNode<R> {
         metrics::gauge!("etcd_server_has_leader").set(if has_leader { 1.0 } else { 0.0 });
         let is_leader = self.raw.raft.state == StateRole::Leader;
         metrics::gauge!("etcd_server_is_leader").set(if is_leader { 1.0 } else { 0.0 });
-        if !is_leader && !self.pending.is_empty() {
-            // Proposals made while leading may be overwritten by the new leader; their clients
-            // learn "leader changed" rather than waiting for the request timeout.
-            self.pending.clear();
+        let term = self.raw.raft.term;
+        if self.pending.values().any(|p| p.term != term) {
+            // A proposal from an earlier term may have been lost with its leader; its client
+            // learns "leader changed" (the outcome is unknown) rather than waiting for the
+            // request timeout.
+            self.pending.retain(|_, p| p.term == term);
         }
     }
 }
