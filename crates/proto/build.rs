@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "etcdserverpb/raft_internal.proto",
         "v3lockpb/v3lock.proto",
         "v3electionpb/v3election.proto",
+        "oxcdpeerpb/peer.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

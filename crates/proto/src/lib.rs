@@ -25,3 +25,8 @@ pub mod v3lockpb {
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
 }
+
+/// oxcd's member-to-member protocol (raft messages and snapshots); not part of etcd's API.
+pub mod oxcdpeerpb {
+    tonic::include_proto!("oxcdpeerpb");
+}

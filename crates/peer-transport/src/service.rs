@@ -1,0 +1,99 @@
+//! The receiving side: peers' streams into raft-node's command channel.
+
+use oxcd_proto::oxcdpeerpb::raft_peer_server::RaftPeer;
+use oxcd_proto::oxcdpeerpb::{RaftBatch, SnapshotAck, SnapshotChunk, StreamAck};
+use raft_node::RaftCommand;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::decode_message;
+
+pub struct RaftPeerService<R> {
+    me: u64,
+    cluster_id: u64,
+    raft: mpsc::Sender<RaftCommand<R>>,
+}
+
+impl<R> RaftPeerService<R> {
+    pub fn new(me: u64, cluster_id: u64, raft: mpsc::Sender<RaftCommand<R>>) -> Self {
+        RaftPeerService {
+            me,
+            cluster_id,
+            raft,
+        }
+    }
+
+    fn admit(&self, header: Option<&oxcd_proto::oxcdpeerpb::PeerHeader>) -> Result<u64, Status> {
+        let h = header.ok_or_else(|| Status::invalid_argument("peer stream without header"))?;
+        if h.cluster_id != self.cluster_id {
+            return Err(Status::permission_denied(format!(
+                "request cluster ID mismatch (got {:x} want {:x})",
+                h.cluster_id, self.cluster_id
+            )));
+        }
+        if h.to != self.me {
+            return Err(Status::permission_denied(format!(
+                "message for member {:x} reached member {:x}",
+                h.to, self.me
+            )));
+        }
+        Ok(h.from)
+    }
+}
+
+#[tonic::async_trait]
+impl<R: Send + 'static> RaftPeer for RaftPeerService<R> {
+    async fn stream(
+        &self,
+        req: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<StreamAck>, Status> {
+        let mut s = req.into_inner();
+        let first = s
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty peer stream"))?;
+        let from = self.admit(first.header.as_ref())?;
+        let label = format!("{from:x}");
+        let mut batch = Some(first);
+        loop {
+            let Some(b) = batch.take() else {
+                match s.message().await? {
+                    Some(b) => batch = Some(b),
+                    None => return Ok(Response::new(StreamAck {})),
+                }
+                continue;
+            };
+            let bytes: usize = b.messages.iter().map(Vec::len).sum();
+            metrics::counter!("etcd_network_peer_received_bytes_total", "From" => label.clone())
+                .increment(bytes as u64);
+            for raw in b.messages {
+                let m = decode_message(&raw)
+                    .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+                if m.from != from {
+                    return Err(Status::invalid_argument("raft message from another member"));
+                }
+                if self
+                    .raft
+                    .send(RaftCommand::Step(Box::new(m)))
+                    .await
+                    .is_err()
+                {
+                    return Err(Status::unavailable("etcdserver: server stopped"));
+                }
+            }
+        }
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotAck>, Status> {
+        let mut s = req.into_inner();
+        let first = s
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.admit(first.header.as_ref())?;
+        Err(Status::unimplemented("snapshot transfer"))
+    }
+}
