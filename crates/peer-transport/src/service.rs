@@ -1,7 +1,7 @@
 //! The receiving side: peers' streams into raft-node's command channel.
 
 use oxcd_proto::oxcdpeerpb::raft_peer_server::RaftPeer;
-use oxcd_proto::oxcdpeerpb::{RaftBatch, SnapshotAck, SnapshotChunk, StreamAck};
+use oxcd_proto::oxcdpeerpb::{RaftBatch, StreamAck};
 use raft_node::RaftCommand;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -82,18 +82,5 @@ impl<R: Send + 'static> RaftPeer for RaftPeerService<R> {
                 }
             }
         }
-    }
-
-    async fn snapshot(
-        &self,
-        req: Request<Streaming<SnapshotChunk>>,
-    ) -> Result<Response<SnapshotAck>, Status> {
-        let mut s = req.into_inner();
-        let first = s
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        self.admit(first.header.as_ref())?;
-        Err(Status::unimplemented("snapshot transfer"))
     }
 }
