@@ -7,11 +7,14 @@
 //! outcome to the proposer's oneshot, which only the member that proposed the entry holds.
 //! Lease grants, revokes and checkpoints go to the lease task (`lease::LeaseHandle`), and
 //! keys written with a lease are attached to it there; a revoke deletes the lease's keys in
-//! one revision, as etcd does.
+//! one revision, as etcd does. Membership entries (raft configuration changes and member
+//! attributes) update the `Membership` records.
 
 mod lease_store;
+mod membership;
 
 pub use lease_store::EngineLeaseStore;
+pub use membership::{Membership, MembershipError};
 
 use std::time::Instant;
 
@@ -57,6 +60,10 @@ pub enum ApplyError {
     Decode { index: u64, reason: String },
     #[error("applier: entry at index {index} carries no request")]
     EmptyRequest { index: u64 },
+    #[error("etcdserver: raft refused the membership change")]
+    ConfChangeRejected,
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
 }
@@ -81,6 +88,8 @@ pub struct Applier {
     /// None: this applier serves no leases (tests of the key-value path); a put naming a
     /// lease then fails as for an unknown lease.
     leases: Option<LeaseHandle>,
+    /// None: membership is not tracked (tests of the key-value path).
+    membership: Option<Membership>,
 }
 
 impl Applier {
@@ -94,12 +103,19 @@ impl Applier {
             events_tx,
             applied_tx,
             leases: None,
+            membership: None,
         }
     }
 
     /// Applies lease requests through `leases` and keeps key attachments there.
     pub fn with_leases(mut self, leases: LeaseHandle) -> Self {
         self.leases = Some(leases);
+        self
+    }
+
+    /// Applies membership entries to `membership`.
+    pub fn with_membership(mut self, membership: Membership) -> Self {
+        self.membership = Some(membership);
         self
     }
 
@@ -148,7 +164,15 @@ impl Applier {
         data: &[u8],
     ) -> Result<ApplyResponse, ApplyError> {
         use mvcc_store::WriteOp;
-        if matches!(kind, EntryKind::ConfChange) || data.is_empty() {
+        match kind {
+            EntryKind::ConfChange => return self.apply_conf_change(index, data),
+            EntryKind::RejectedConfChange => {
+                self.store.apply(index, WriteOp::Noop, &|_| false)?;
+                return Err(ApplyError::ConfChangeRejected);
+            }
+            EntryKind::Normal => {}
+        }
+        if data.is_empty() {
             let applied = self.store.apply(index, WriteOp::Noop, &|_| false)?;
             return Ok(ApplyResponse::Empty {
                 revision: applied.revision,
@@ -174,6 +198,23 @@ impl Applier {
                 for c in &cp.checkpoints {
                     // A lease revoked meanwhile has nothing left to checkpoint.
                     let _ = block_on(l.checkpoint(c.id, c.remaining_ttl));
+                }
+            }
+            let applied = self.store.apply(index, WriteOp::Noop, &lease_exists)?;
+            return Ok(ApplyResponse::Empty {
+                revision: applied.revision,
+            });
+        }
+        if req.member_attr_set.is_some() || req.member_update.is_some() {
+            if let Some(m) = &self.membership {
+                if let Some(a) = &req.member_attr_set {
+                    m.update(a.member_id, |x| {
+                        x.name = a.name.clone();
+                        x.client_ur_ls = a.client_urls.clone();
+                    })?;
+                }
+                if let Some(u) = &req.member_update {
+                    m.update(u.id, |x| x.peer_ur_ls = u.peer_ur_ls.clone())?;
                 }
             }
             let applied = self.store.apply(index, WriteOp::Noop, &lease_exists)?;
@@ -214,6 +255,41 @@ impl Applier {
 }
 
 impl Applier {
+    /// raft has already changed its configuration; record who the member is. The entry's
+    /// context carries the member record the Cluster service proposed.
+    fn apply_conf_change(&mut self, index: u64, data: &[u8]) -> Result<ApplyResponse, ApplyError> {
+        use mvcc_store::WriteOp;
+        use raft_node::ConfChangeType as T;
+        let cc = raft_node::decode_conf_change(data).map_err(|e| ApplyError::Decode {
+            index,
+            reason: e.to_string(),
+        })?;
+        if let Some(m) = &self.membership {
+            match cc.get_change_type() {
+                T::AddNode | T::AddLearnerNode => {
+                    let learner = cc.get_change_type() == T::AddLearnerNode;
+                    match m.get(cc.node_id) {
+                        // Promotion: the same member, now a voter.
+                        Some(_) => m.update(cc.node_id, |x| x.is_learner = learner)?,
+                        None => {
+                            let mut member =
+                                oxcd_proto::etcdserverpb::Member::decode(cc.get_context())
+                                    .unwrap_or_default();
+                            member.id = cc.node_id;
+                            member.is_learner = learner;
+                            m.save(member)?;
+                        }
+                    }
+                }
+                T::RemoveNode => m.remove(cc.node_id)?,
+            }
+        }
+        let applied = self.store.apply(index, WriteOp::Noop, &|_| false)?;
+        Ok(ApplyResponse::Empty {
+            revision: applied.revision,
+        })
+    }
+
     fn publish(&self, revision: i64, events: Vec<Event>) {
         if let (Some(tx), false) = (&self.events_tx, events.is_empty()) {
             // Blocking send: the watch hub drains quickly and must see every revision.
