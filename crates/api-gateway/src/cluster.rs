@@ -24,11 +24,10 @@ impl ClusterService {
         Some(self.gw.headers().header(self.gw.store().current_revision()))
     }
 
-    fn known(&self, id: u64) -> Result<&oxcd_proto::etcdserverpb::Member, Status> {
+    fn known(&self, id: u64) -> Result<oxcd_proto::etcdserverpb::Member, Status> {
         self.gw
-            .members()
-            .iter()
-            .find(|m| m.id == id)
+            .membership()
+            .get(id)
             .ok_or_else(|| GatewayError::MemberNotFound.into())
     }
 }
@@ -71,7 +70,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberListResponse>, Status> {
         Ok(Response::new(MemberListResponse {
             header: self.header(),
-            members: self.gw.members().to_vec(),
+            members: self.gw.members(),
         }))
     }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use applier::{encode_request, ApplyResponse, MvccStore, Responder};
+use applier::{encode_request, ApplyResponse, Membership, MvccStore, Responder};
 use oxcd_proto::etcdserverpb::{
     InternalRaftRequest, Member, RangeRequest, RangeResponse, RequestHeader,
 };
@@ -50,7 +50,7 @@ struct Inner {
     applied: watch::Receiver<u64>,
     headers: HeaderSource,
     limits: Limits,
-    members: Vec<Member>,
+    members: Membership,
     next_id: AtomicU64,
 }
 
@@ -61,7 +61,7 @@ impl Gateway {
         applied: watch::Receiver<u64>,
         headers: HeaderSource,
         limits: Limits,
-        members: Vec<Member>,
+        members: Membership,
     ) -> Self {
         // Request ids: member id prefix, time, then a counter (unique across restarts in practice).
         let millis = SystemTime::now()
@@ -94,7 +94,12 @@ impl Gateway {
         &self.inner.limits
     }
 
-    pub fn members(&self) -> &[Member] {
+    /// The members as the applied log says, in id order.
+    pub fn members(&self) -> Vec<Member> {
+        self.inner.members.list()
+    }
+
+    pub fn membership(&self) -> &Membership {
         &self.inner.members
     }
 

@@ -17,7 +17,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::errors::StatusError;
+use crate::forward;
 use crate::gateway::Gateway;
+use oxcd_proto::etcdserverpb::lease_client::LeaseClient;
 
 pub struct LeaseService {
     gw: Gateway,
@@ -35,6 +37,41 @@ impl LeaseService {
 }
 
 /// A server-chosen lease id: positive, unlikely to collide, never 0 (0 means "no lease").
+/// A follower's keep-alive stream to the leader, opened on the first renewal it must forward.
+type LeaderStream = (
+    mpsc::Sender<LeaseKeepAliveRequest>,
+    Streaming<LeaseKeepAliveResponse>,
+);
+
+/// Renews `id` on the leader; one retry on a fresh stream covers a leader change.
+async fn forward_keep_alive(
+    gw: &Gateway,
+    stream: &mut Option<LeaderStream>,
+    id: i64,
+) -> Result<i64, Status> {
+    let mut last = Status::unavailable("etcdserver: no leader");
+    for _ in 0..2 {
+        if stream.is_none() {
+            let ch = forward::leader_channel(gw).await?;
+            let (tx, rx) = mpsc::channel(4);
+            let resp = LeaseClient::new(ch)
+                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?;
+            *stream = Some((tx, resp.into_inner()));
+        }
+        let (tx, rx) = stream.as_mut().expect("opened above");
+        if tx.send(LeaseKeepAliveRequest { id }).await.is_ok() {
+            match tokio::time::timeout(gw.limits().request_timeout, rx.message()).await {
+                Ok(Ok(Some(r))) => return Ok(r.ttl),
+                Ok(Err(s)) => last = s,
+                Ok(Ok(None)) | Err(_) => {}
+            }
+        }
+        *stream = None;
+    }
+    Err(last)
+}
+
 pub(crate) fn new_lease_id() -> i64 {
     loop {
         let id = rand::random::<i64>() & i64::MAX;
@@ -120,11 +157,21 @@ impl Lease for LeaseService {
         let leases = self.leases.clone();
         let gw = self.gw.clone();
         tokio::spawn(async move {
+            let mut to_leader = None;
             while let Some(Ok(req)) = inbound.next().await {
                 // As etcd: an unknown lease is answered with TTL 0, not an error.
                 let ttl = match leases.renew(req.id).await {
                     Ok(ttl) => ttl,
                     Err(LeaseError::NotFound) => 0,
+                    Err(LeaseError::NotPrimary) => {
+                        match forward_keep_alive(&gw, &mut to_leader, req.id).await {
+                            Ok(ttl) => ttl,
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        }
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(StatusError::from(e).into())).await;
                         return;
@@ -150,6 +197,16 @@ impl Lease for LeaseService {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let req = req.into_inner();
+        if !self.gw.raft_status().await?.is_leader {
+            // Only the leader knows how much of a lease's TTL is left.
+            let ch = forward::leader_channel(&self.gw).await?;
+            let mut resp = LeaseClient::new(ch)
+                .lease_time_to_live(req)
+                .await?
+                .into_inner();
+            resp.header = self.header();
+            return Ok(Response::new(resp));
+        }
         let t = match self.leases.time_to_live(req.id).await {
             Ok(t) => t,
             // etcd answers an unknown lease with TTL -1 rather than an error.

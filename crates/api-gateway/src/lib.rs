@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod errors;
+pub mod forward;
 pub mod gateway;
 pub mod header;
 pub mod kv;

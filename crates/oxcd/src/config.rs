@@ -229,10 +229,10 @@ pub enum ConfigError {
         advertised: Vec<String>,
         listed: Vec<String>,
     },
-    #[error("--initial-cluster-state=existing needs replication, which oxcd does not support yet")]
+    #[error(
+        "--initial-cluster-state=existing (joining a running cluster) is not supported by oxcd yet"
+    )]
     ExistingUnsupported,
-    #[error("a cluster of {0} members needs replication, which oxcd does not support yet; run a single member")]
-    MultiMemberUnsupported(usize),
 }
 
 impl Config {

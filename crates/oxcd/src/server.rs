@@ -13,17 +13,19 @@ use api_gateway::recipes::{ElectionService, LockService};
 use api_gateway::watch_service::{StoreHistory, WatchService};
 use api_gateway::{Gateway, HeaderSource, Limits};
 use applier::Applier;
-use applier::EngineLeaseStore;
+use applier::{EngineLeaseStore, Membership};
 use lease::{LeaseHandle, LeaseTick, Lessor, LessorConfig, SystemClock, TickerConfig};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use mvcc_store::{KvEngine, MvccStore, RocksEngine};
 use oxcd_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer, InternalRaftRequest,
-    LeaseCheckpoint, LeaseCheckpointRequest, Member, RangeRequest,
+    LeaseCheckpoint, LeaseCheckpointRequest, Member, MemberAttrSetRequest, RangeRequest,
 };
+use oxcd_proto::oxcdpeerpb::raft_peer_server::RaftPeerServer;
 use oxcd_proto::v3electionpb::election_server::ElectionServer;
 use oxcd_proto::v3lockpb::lock_server::LockServer;
+use peer_transport::{AddressBook, PeerTransport, RaftPeerService};
 use raft_node::{RaftConfig, RaftNode};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use watch::{WatchConfig, WatchHub};
@@ -90,9 +92,20 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         }
         .into());
     }
-    if cluster.len() > 1 {
-        return Err(ConfigError::MultiMemberUnsupported(cluster.len()).into());
-    }
+    // Every member of a new cluster derives the same ids from the same flags, as etcd does.
+    let token = &cfg.initial_cluster_token;
+    let initial_members: Vec<Member> = cluster
+        .iter()
+        .map(|(name, urls)| Member {
+            id: ids::member_id(urls, token),
+            name: name.clone(),
+            peer_ur_ls: urls.clone(),
+            // Every member must bootstrap identical records; client URLs arrive published.
+            client_ur_ls: Vec::new(),
+            is_learner: false,
+        })
+        .collect();
+    let peer_addrs = addrs("listen-peer-urls", &cfg.listen_peer_urls)?;
     let client_addrs = addrs("listen-client-urls", &cfg.listen_client_urls)?;
     let metrics_addrs = addrs("listen-metrics-urls", &cfg.listen_metrics_urls)?;
 
@@ -102,9 +115,10 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         Some(id) => id,
         None => {
             let member_id = ids::member_id(&me.1, &cfg.initial_cluster_token);
+            let all: Vec<u64> = initial_members.iter().map(|m| m.id).collect();
             let id = Identity {
                 member_id,
-                cluster_id: ids::cluster_id(&[member_id]),
+                cluster_id: ids::cluster_id(&all),
             };
             dd.save_identity(&id)?;
             id
@@ -123,6 +137,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let engine: Arc<dyn KvEngine> =
         Arc::new(RocksEngine::open(&dd.kv_dir()).map_err(mvcc_store::MvccError::from)?);
     let store = MvccStore::open(engine.clone())?;
+    let membership = Membership::open(engine.clone(), &initial_members)
+        .map_err(|e| ServerError::Lease(e.to_string()))?;
     let lessor = open_lessor(&cfg, engine, &store)?;
     let applied = store.applied_index();
 
@@ -132,9 +148,24 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let (applied_tx, applied_rx) = tokio_watch::channel(applied);
 
     let election_tick = (cfg.election_timeout / cfg.heartbeat_interval.max(1)).max(2) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("oxcd")
+        .build()?;
+    let book = AddressBook::new();
+    for m in membership.list() {
+        book.set(m.id, m.peer_ur_ls);
+    }
+    let transport = PeerTransport::new(
+        identity.member_id,
+        identity.cluster_id,
+        book.clone(),
+        rt.handle().clone(),
+    );
     let raft_cfg = RaftConfig {
         id: identity.member_id,
-        voters: vec![identity.member_id],
+        // Used only when the wal is new; afterwards the wal's own configuration holds.
+        voters: initial_members.iter().map(|m| m.id).collect(),
         learners: vec![],
         election_tick,
         heartbeat_tick: 1,
@@ -143,20 +174,24 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         check_quorum: true,
         ..RaftConfig::default()
     };
-    let raft = RaftNode::start(raft_cfg, &dd.wal_dir(), applied, raft_rx, committed_tx)?;
+    let raft = RaftNode::start_with_transport(
+        raft_cfg,
+        &dd.wal_dir(),
+        applied,
+        raft_rx,
+        committed_tx,
+        Box::new(transport),
+    )?;
 
     // Bounded: a hub that falls behind slows applying rather than growing memory.
     let (events_tx, events_rx) = mpsc::channel(1024);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("oxcd")
-        .build()?;
     let (leases, _lease_task) = {
         let _in_runtime = rt.enter();
         LeaseHandle::spawn(lessor, 1024)
     };
-    let applier =
-        Applier::new(store.clone(), Some(events_tx), applied_tx).with_leases(leases.clone());
+    let applier = Applier::new(store.clone(), Some(events_tx), applied_tx)
+        .with_leases(leases.clone())
+        .with_membership(membership.clone());
     let applier_thread = std::thread::Builder::new()
         .name("applier".into())
         .spawn(move || applier.run(committed_rx))?;
@@ -170,9 +205,13 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         events_rx,
         leases,
         metrics,
-        client_addrs,
-        metrics_addrs,
-        me.1.clone(),
+        Listeners {
+            client: client_addrs,
+            metrics: metrics_addrs,
+            peer: peer_addrs,
+        },
+        membership,
+        book,
     ));
     // Every sender to raft-node is gone once serve returns: the Ready loop ends, which closes
     // the committed channel, which ends the applier.
@@ -193,9 +232,9 @@ async fn serve(
     events_rx: mpsc::Receiver<watch::Events>,
     leases: LeaseHandle,
     metrics: PrometheusHandle,
-    client_addrs: Vec<SocketAddr>,
-    metrics_addrs: Vec<SocketAddr>,
-    peer_urls: Vec<String>,
+    listeners: Listeners,
+    membership: Membership,
+    book: AddressBook,
 ) -> Result<(), ServerError> {
     let headers = HeaderSource::new(identity.cluster_id, identity.member_id);
     let limits = Limits {
@@ -203,20 +242,13 @@ async fn serve(
         max_txn_ops: cfg.max_txn_ops as usize,
         request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
     };
-    let members = vec![Member {
-        id: identity.member_id,
-        name: cfg.name.clone(),
-        peer_ur_ls: peer_urls,
-        client_ur_ls: split_urls(&cfg.advertise_client_urls),
-        is_learner: false,
-    }];
     let gw = Gateway::new(
-        raft_tx,
+        raft_tx.clone(),
         store.clone(),
         applied_rx,
         headers.clone(),
         limits,
-        members,
+        membership.clone(),
     );
 
     let hub = WatchHub::start(
@@ -253,12 +285,36 @@ async fn serve(
 
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
     let mut servers = Vec::new();
-    for addr in client_addrs {
+    for addr in listeners.client {
         servers.push(listen(addr, client_app.clone(), stop_rx.clone()).await?);
     }
-    for addr in metrics_addrs {
+    for addr in listeners.metrics {
         servers.push(listen(addr, metrics_app.clone(), stop_rx.clone()).await?);
     }
+    let peer_app = tonic::service::Routes::new(
+        RaftPeerServer::new(RaftPeerService::new(
+            identity.member_id,
+            identity.cluster_id,
+            raft_tx,
+        ))
+        .max_decoding_message_size(usize::MAX),
+    )
+    .into_axum_router()
+    .fallback(http::fallback);
+    for addr in listeners.peer {
+        servers.push(listen(addr, peer_app.clone(), stop_rx.clone()).await?);
+    }
+    tokio::spawn(mirror_addresses(membership.clone(), book));
+    tokio::spawn(publish_attributes(
+        gw.clone(),
+        Member {
+            id: identity.member_id,
+            name: cfg.name.clone(),
+            peer_ur_ls: Vec::new(),
+            client_ur_ls: split_urls(&cfg.advertise_client_urls),
+            is_learner: false,
+        },
+    ));
     tokio::spawn(report_status(gw.clone(), store));
     tokio::spawn(lease_leadership(
         gw.clone(),
@@ -278,6 +334,51 @@ async fn serve(
         let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
     }
     Ok(())
+}
+
+struct Listeners {
+    client: Vec<SocketAddr>,
+    metrics: Vec<SocketAddr>,
+    peer: Vec<SocketAddr>,
+}
+
+/// The peer transport dials whatever the applied membership says.
+async fn mirror_addresses(membership: Membership, book: AddressBook) {
+    let mut changes = membership.subscribe();
+    loop {
+        let members = membership.list();
+        for m in &members {
+            book.set(m.id, m.peer_ur_ls.clone());
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Announces this member's name and client URLs through raft (once the applied records differ),
+/// so MemberList on every member names them.
+async fn publish_attributes(gw: Gateway, me: Member) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let current = gw.membership().get(me.id);
+        if current.is_some_and(|m| m.name == me.name && m.client_ur_ls == me.client_ur_ls) {
+            return;
+        }
+        let req = InternalRaftRequest {
+            member_attr_set: Some(MemberAttrSetRequest {
+                member_id: me.id,
+                name: me.name.clone(),
+                client_urls: me.client_ur_ls.clone(),
+            }),
+            ..Default::default()
+        };
+        if let Err(e) = gw.propose(req).await {
+            tracing::debug!(status = %e.0, "member attributes not published yet");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
 }
 
 async fn listen(

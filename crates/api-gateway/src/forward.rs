@@ -1,0 +1,37 @@
+//! Requests only the leader can answer (lease keep-alives and remaining TTLs: only the leader
+//! tracks deadlines) are forwarded from a follower to the leader's client URL, as published in
+//! the membership records.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::errors::{GatewayError, StatusError};
+use crate::gateway::Gateway;
+
+/// A channel to the current leader's client API. Fails with "no leader" when there is none
+/// or its client URLs are not known yet.
+pub async fn leader_channel(gw: &Gateway) -> Result<Channel, StatusError> {
+    let status = gw.raft_status().await?;
+    if status.leader_id == 0 {
+        return Err(GatewayError::NoLeader.into());
+    }
+    let urls = gw
+        .membership()
+        .get(status.leader_id)
+        .map(|m| m.client_ur_ls)
+        .unwrap_or_default();
+    for url in urls {
+        let Ok(ep) = Endpoint::from_shared(url) else {
+            continue;
+        };
+        let ep = ep
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(gw.limits().request_timeout)
+            .tcp_nodelay(true);
+        if let Ok(ch) = ep.connect().await {
+            return Ok(ch);
+        }
+    }
+    Err(GatewayError::NoLeader.into())
+}
