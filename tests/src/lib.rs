@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod cluster;
 pub mod linearizability;
 
 /// The reference implementation, used by the differential and data-dir tests.
@@ -140,6 +141,18 @@ pub struct ServerSpec {
     /// Extra etcd flags, e.g. `["--max-txn-ops", "2"]`.
     pub extra_args: Vec<String>,
     pub via: ConfigVia,
+    /// Membership flags for a member of a multi-member cluster; `None`: a cluster of one.
+    pub cluster: Option<ClusterFlags>,
+    /// Where the member listens for peers when that differs from the advertised peer port (a
+    /// fault-injecting proxy sits on the advertised one).
+    pub peer_listen_port: Option<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterFlags {
+    /// `--initial-cluster`, e.g. `m0=http://127.0.0.1:P0,m1=...`.
+    pub initial_cluster: String,
+    pub token: String,
 }
 
 impl ServerSpec {
@@ -158,16 +171,28 @@ impl ServerSpec {
             ("data-dir", self.data_dir.display().to_string()),
             ("listen-client-urls", self.client_url()),
             ("advertise-client-urls", self.client_url()),
-            ("listen-peer-urls", self.peer_url()),
+            (
+                "listen-peer-urls",
+                format!(
+                    "http://127.0.0.1:{}",
+                    self.peer_listen_port.unwrap_or(self.peer_port)
+                ),
+            ),
             ("initial-advertise-peer-urls", self.peer_url()),
             (
                 "initial-cluster",
-                format!("{}={}", self.name, self.peer_url()),
+                match &self.cluster {
+                    Some(c) => c.initial_cluster.clone(),
+                    None => format!("{}={}", self.name, self.peer_url()),
+                },
             ),
             ("initial-cluster-state", "new".into()),
             (
                 "initial-cluster-token",
-                format!("oxcd-test-{}", self.peer_port),
+                match &self.cluster {
+                    Some(c) => c.token.clone(),
+                    None => format!("oxcd-test-{}", self.peer_port),
+                },
             ),
             ("log-level", "warn".into()),
         ]
@@ -242,6 +267,8 @@ impl Server {
             peer_port: free_port(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             via,
+            cluster: None,
+            peer_listen_port: None,
         };
         Server::spawn(spec, Some(data_tmp))
     }

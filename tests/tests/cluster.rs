@@ -1,0 +1,569 @@
+//! Multi-member clusters of real server processes on loopback: replication, forwarding from
+//! followers, a leader killed with SIGKILL while clients write, convergence of every member, and
+//! a linearizability check of a history recorded while members are killed and restarted.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use oxcd_tests::cluster::TestCluster;
+use oxcd_tests::linearizability::{CheckResult, Input, Output, Recorder};
+
+async fn connect(endpoint: &str, timeout: Duration) -> Option<Client> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_timeout(timeout);
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        Client::connect([endpoint.to_string()], Some(opts)),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+/// (member id, leader id) as member `endpoint` reports them.
+async fn status(endpoint: &str) -> Option<(u64, u64, i64)> {
+    let mut c = connect(endpoint, Duration::from_secs(2)).await?;
+    let s = c.status().await.ok()?;
+    let h = s.header()?;
+    Some((h.member_id(), s.leader(), h.revision()))
+}
+
+/// Index of the member every live member names as leader.
+async fn leader_index(c: &mut TestCluster, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut ids = Vec::new();
+        let mut leaders = BTreeSet::new();
+        for ep in c.endpoints() {
+            match status(&ep).await {
+                Some((id, leader, _)) => {
+                    ids.push(Some(id));
+                    leaders.insert(leader);
+                }
+                None => ids.push(None),
+            }
+        }
+        if let [leader] = leaders.iter().copied().collect::<Vec<_>>()[..] {
+            if leader != 0 {
+                if let Some(i) = ids.iter().position(|id| *id == Some(leader)) {
+                    return i;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no agreed leader after {timeout:?}: ids {ids:?}, leaders {leaders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every member holds the same data: same revision and the same HashKV at it, and the same
+/// keys under `prefix`. Waits for laggards.
+async fn assert_converged(c: &mut TestCluster, prefix: &str, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut views = Vec::new();
+        for ep in c.endpoints() {
+            let Some(mut cl) = connect(&ep, Duration::from_secs(3)).await else {
+                views.push(None);
+                continue;
+            };
+            let rev = cl
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_serializable()),
+                )
+                .await
+                .ok();
+            let hash = match &rev {
+                Some(r) => {
+                    let at = r.header().map(|h| h.revision()).unwrap_or(0);
+                    cl.hash_kv(at).await.ok().map(|h| (at, h.hash()))
+                }
+                None => None,
+            };
+            let keys: Option<Vec<String>> = rev.map(|r| {
+                r.kvs()
+                    .iter()
+                    .map(|kv| kv.key_str().unwrap().to_string())
+                    .collect()
+            });
+            views.push(hash.zip(keys));
+        }
+        if views.iter().all(Option::is_some) && views.windows(2).all(|w| w[0] == w[1]) {
+            return views[0].clone().unwrap().1;
+        }
+        if Instant::now() > deadline {
+            let summary: Vec<_> = views
+                .iter()
+                .map(|v| {
+                    v.as_ref()
+                        .map(|((rev, hash), keys)| (rev, hash, keys.len()))
+                })
+                .collect();
+            panic!(
+                "members did not converge after {timeout:?}: (revision, hash, keys) {summary:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_serves_reads_writes_and_membership() {
+    let mut c = TestCluster::start(3, &[]);
+    let eps = c.endpoints();
+    // A write through each member (followers forward), read back linearizably on every member.
+    for (i, ep) in eps.iter().enumerate() {
+        let mut cl = connect(ep, Duration::from_secs(5)).await.unwrap();
+        cl.put(format!("via/{i}"), format!("m{i}"), None)
+            .await
+            .unwrap_or_else(|e| panic!("put through member {i}: {e}"));
+        for (j, other) in eps.iter().enumerate() {
+            let mut o = connect(other, Duration::from_secs(5)).await.unwrap();
+            let got = o.get(format!("via/{i}"), None).await.unwrap();
+            assert_eq!(
+                got.kvs()
+                    .first()
+                    .map(|kv| kv.value_str().unwrap().to_string()),
+                Some(format!("m{i}")),
+                "member {j} must see the write made through member {i}"
+            );
+        }
+    }
+    // Every member lists every member, with names and client URLs once they are published.
+    let mut cl = connect(&eps[1], Duration::from_secs(5)).await.unwrap();
+    TestCluster::wait_for(
+        "published member attributes",
+        Duration::from_secs(10),
+        || {
+            let list = futures_lite_block(cl.member_list());
+            list.is_ok_and(|l| {
+                l.members().len() == 3
+                    && l.members()
+                        .iter()
+                        .all(|m| !m.name().is_empty() && !m.client_urls().is_empty())
+            })
+        },
+    );
+    let mut names: Vec<String> = cl
+        .member_list()
+        .await
+        .unwrap()
+        .members()
+        .iter()
+        .map(|m| m.name().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["m0", "m1", "m2"]);
+    assert_converged(&mut c, "via/", Duration::from_secs(10)).await;
+}
+
+/// Runs a future to completion from sync code inside the test's runtime.
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+async fn leader_kill_while_writing(n: usize) {
+    let mut c = TestCluster::start(n, &[]);
+    let eps = c.endpoints();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let mut writers = Vec::new();
+    for w in 0..4usize {
+        let (eps, stop, acked) = (eps.clone(), stop.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            let mut member = w % eps.len();
+            let mut client = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if client.is_none() {
+                    client = connect(&eps[member], Duration::from_secs(3)).await;
+                    if client.is_none() {
+                        member = (member + 1) % eps.len();
+                        continue;
+                    }
+                }
+                let key = format!("w/{w}/{i:06}");
+                match client.as_mut().unwrap().put(key.clone(), "v", None).await {
+                    Ok(_) => {
+                        acked.lock().unwrap().push((key, Instant::now()));
+                        i += 1;
+                    }
+                    Err(_) => {
+                        // Unknown outcome; the next attempt uses a new key and maybe another member.
+                        i += 1;
+                        client = None;
+                        member = (member + 1) % eps.len();
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old = leader_index(&mut c, Duration::from_secs(10)).await;
+    let killed_at = Instant::now();
+    c.members[old].kill9();
+    let new = leader_index(&mut c, Duration::from_secs(10)).await;
+    let elected_after = killed_at.elapsed();
+    assert_ne!(new, old);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let after_kill = acked.iter().filter(|(_, t)| *t > killed_at).count();
+    assert!(
+        after_kill > 0,
+        "no write was acknowledged after the leader was killed"
+    );
+    c.restart(old);
+    let keys = assert_converged(&mut c, "w/", Duration::from_secs(30)).await;
+    let present: BTreeSet<&str> = keys.iter().map(String::as_str).collect();
+    let lost: Vec<&String> = acked
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| !present.contains(k.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    eprintln!(
+        "{n} members: {} writes acknowledged ({after_kill} after the kill), new leader after {elected_after:?}, all members converged",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_lose_no_acknowledged_write_when_the_leader_is_killed() {
+    leader_kill_while_writing(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_lose_no_acknowledged_write_when_the_leader_is_killed() {
+    leader_kill_while_writing(5).await;
+}
+
+/// Concurrent put / get / compare-and-swap on a few keys while a nemesis kills (SIGKILL) and
+/// restarts members, the leader among them; the recorded history must be linearizable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_under_member_kills_is_linearizable() {
+    let mut c = TestCluster::start(3, &[]);
+    let eps = c.endpoints();
+    let rec = Recorder::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let keys = ["a", "b", "c"];
+    let mut clients = Vec::new();
+    for id in 0..4usize {
+        let (eps, stop, rec) = (eps.clone(), stop.clone(), rec.clone());
+        clients.push(tokio::spawn(async move {
+            let mut member = id % eps.len();
+            let mut client: Option<Client> = None;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if client.is_none() {
+                    client = connect(&eps[member], Duration::from_secs(2)).await;
+                    if client.is_none() {
+                        member = (member + 1) % eps.len();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                }
+                let cl = client.as_mut().unwrap();
+                n += 1;
+                let key = keys[(n as usize * 7 + id) % keys.len()];
+                let value = format!("c{id}-{n}");
+                let ok = match n % 3 {
+                    0 => {
+                        let t = rec.invoke(id, key, Input::Put(value.clone()));
+                        match cl.put(key, value, None).await {
+                            Ok(_) => {
+                                rec.complete(t, Output::PutOk);
+                                true
+                            }
+                            Err(_) => {
+                                rec.unknown(t);
+                                false
+                            }
+                        }
+                    }
+                    1 => {
+                        let t = rec.invoke(id, key, Input::Get);
+                        match cl.get(key, None).await {
+                            Ok(r) => {
+                                let v = r
+                                    .kvs()
+                                    .first()
+                                    .map(|kv| kv.value_str().unwrap().to_string());
+                                rec.complete(t, Output::Get(v));
+                                true
+                            }
+                            Err(_) => {
+                                // A read that failed changed nothing.
+                                rec.fail(t);
+                                false
+                            }
+                        }
+                    }
+                    _ => {
+                        // CAS from what this client last saw is unknown here: read first.
+                        let seen = cl
+                            .get(key, Some(GetOptions::new().with_serializable()))
+                            .await
+                            .ok()
+                            .and_then(|r| {
+                                r.kvs()
+                                    .first()
+                                    .map(|kv| kv.value_str().unwrap().to_string())
+                            });
+                        let cmp = match &seen {
+                            Some(v) => Compare::value(key, CompareOp::Equal, v.clone()),
+                            None => Compare::create_revision(key, CompareOp::Equal, 0),
+                        };
+                        let t = rec.invoke(
+                            id,
+                            key,
+                            Input::Cas {
+                                expected: seen.clone(),
+                                new: value.clone(),
+                            },
+                        );
+                        let txn = Txn::new()
+                            .when([cmp])
+                            .and_then([TxnOp::put(key, value, None)]);
+                        match cl.txn(txn).await {
+                            Ok(r) => {
+                                rec.complete(t, Output::Cas(r.succeeded()));
+                                true
+                            }
+                            Err(_) => {
+                                rec.unknown(t);
+                                false
+                            }
+                        }
+                    }
+                };
+                if !ok {
+                    client = None;
+                    member = (member + 1) % eps.len();
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+            }
+        }));
+    }
+    // The nemesis: kill the leader, then a follower, restarting each after a pause.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let victim = if round % 2 == 0 {
+            leader_index(&mut c, Duration::from_secs(15)).await
+        } else {
+            (leader_index(&mut c, Duration::from_secs(15)).await + 1) % eps.len()
+        };
+        c.members[victim].kill9();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.restart(victim);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.await.unwrap();
+    }
+    let history = rec.history();
+    let ok = history.ops().iter().filter(|op| op.ret().is_some()).count();
+    assert!(ok > 50, "too few completed operations to judge: {ok}");
+    let result = history.check();
+    eprintln!(
+        "{} operations ({ok} completed) checked: {result}",
+        history.len()
+    );
+    assert!(
+        matches!(result, CheckResult::Linearizable),
+        "history is not linearizable: {result}"
+    );
+}
+
+/// A lease kept alive through a follower holds its key; it outlives a SIGKILL of the leader
+/// (the new leader takes over its deadline) and, once no longer kept alive, expires exactly
+/// once: one DELETE event for its key, on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_outlives_a_leader_kill_and_expires_once() {
+    use etcd_client::{EventType, PutOptions, WatchOptions};
+    let mut c = TestCluster::start(3, &[]);
+    let eps = c.endpoints();
+    let leader = leader_index(&mut c, Duration::from_secs(10)).await;
+    let follower = (leader + 1) % eps.len();
+    let survivor = (leader + 2) % eps.len();
+    let mut f = connect(&eps[follower], Duration::from_secs(5))
+        .await
+        .unwrap();
+    // A follower forwards to the client URL the leader published.
+    TestCluster::wait_for(
+        "published member attributes",
+        Duration::from_secs(10),
+        || {
+            futures_lite_block(f.member_list())
+                .is_ok_and(|l| l.members().iter().all(|m| !m.client_urls().is_empty()))
+        },
+    );
+    let lease = f.lease_grant(3, None).await.unwrap().id();
+    let put = f
+        .put("leased", "x", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
+    let from = put.header().unwrap().revision() + 1;
+
+    // Keep-alives through the follower for longer than the TTL.
+    let (mut keeper, mut acks) = f.lease_keep_alive(lease).await.unwrap();
+    for _ in 0..5 {
+        keeper.keep_alive().await.unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(5), acks.message())
+            .await
+            .expect("keep-alive through a follower not answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ack.ttl(),
+            3,
+            "a renewal through a follower restores the full TTL"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let ttl = f.lease_time_to_live(lease, None).await.unwrap().ttl();
+    assert!(
+        (1..=3).contains(&ttl),
+        "remaining TTL through a follower: {ttl}"
+    );
+    drop(keeper);
+    drop(acks);
+
+    c.members[leader].kill9();
+    let mut s = connect(&eps[survivor], Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut events = s
+        .watch(
+            "leased",
+            Some(WatchOptions::new().with_start_revision(from)),
+        )
+        .await
+        .unwrap();
+    // The key is gone within TTL + election + the new leader's extension, not before the kill.
+    let mut deletes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while deletes.is_empty() && Instant::now() < deadline {
+        if let Ok(Some(Ok(r))) = tokio::time::timeout(Duration::from_millis(500), events.message())
+            .await
+            .map(|m| m.transpose())
+        {
+            for e in r.events() {
+                if e.event_type() == EventType::Delete {
+                    deletes.push(e.kv().unwrap().mod_revision());
+                }
+            }
+        }
+    }
+    assert_eq!(
+        deletes.len(),
+        1,
+        "the expired lease's key must be deleted once"
+    );
+    c.restart(leader);
+    // Every member, the restarted one included, has exactly that one deletion in its history.
+    for ep in c.endpoints() {
+        let mut cl = connect(&ep, Duration::from_secs(5)).await.unwrap();
+        let mut ev = cl
+            .watch(
+                "leased",
+                Some(WatchOptions::new().with_start_revision(from)),
+            )
+            .await
+            .unwrap();
+        // Past the `created` response to the first one carrying the replayed history.
+        let r = loop {
+            let r = tokio::time::timeout(Duration::from_secs(10), ev.message())
+                .await
+                .expect("history replay")
+                .unwrap()
+                .unwrap();
+            if !r.events().is_empty() {
+                break r;
+            }
+        };
+        let dels: Vec<i64> = r
+            .events()
+            .iter()
+            .filter(|e| e.event_type() == EventType::Delete)
+            .map(|e| e.kv().unwrap().mod_revision())
+            .collect();
+        assert_eq!(dels, deletes, "member {ep}");
+        let ttl = cl.lease_time_to_live(lease, None).await.unwrap().ttl();
+        assert_eq!(ttl, -1, "member {ep}: the lease is gone");
+    }
+}
+
+/// The leader cut off from its peers (a proxy in front of its peer port drops everything sent
+/// to it) steps down: it accepts no write and serves no linearizable read, while the majority
+/// elects a new leader and goes on; after healing, every member converges and the write tried
+/// on the minority is nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_minority_takes_no_writes_and_serves_no_linearizable_reads() {
+    let (mut c, proxies) = TestCluster::start_with_proxies(3, &[]);
+    let eps = c.endpoints();
+    let mut any = connect(&eps[0], Duration::from_secs(5)).await.unwrap();
+    any.put("p/before", "1", None).await.unwrap();
+    let old = leader_index(&mut c, Duration::from_secs(10)).await;
+    let old_id = status(&eps[old]).await.unwrap().0;
+    proxies[old].block();
+
+    // The majority elects another leader.
+    let majority: Vec<String> = (0..eps.len())
+        .filter(|i| *i != old)
+        .map(|i| eps[i].clone())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut leaders = BTreeSet::new();
+        for ep in &majority {
+            leaders.insert(status(ep).await.map(|s| s.1).unwrap_or(0));
+        }
+        let l: Vec<u64> = leaders.into_iter().collect();
+        if l.len() == 1 && l[0] != 0 && l[0] != old_id {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "majority elected no new leader: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past check-quorum's election timeout, the cut-off member knows it leads nobody.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut minority = connect(&eps[old], Duration::from_secs(3)).await.unwrap();
+    let put = minority.put("p/minority", "x", None).await;
+    assert!(put.is_err(), "the minority accepted a write: {put:?}");
+    let read = minority.get("p/before", None).await;
+    assert!(
+        read.is_err(),
+        "the minority served a linearizable read: {read:?}"
+    );
+    // A serializable read is local by definition: it still answers, from possibly stale data.
+    let stale = minority
+        .get("p/before", Some(GetOptions::new().with_serializable()))
+        .await
+        .expect("serializable read on the minority");
+    assert_eq!(stale.kvs().len(), 1);
+
+    let mut maj = connect(&majority[0], Duration::from_secs(5)).await.unwrap();
+    maj.put("p/during", "2", None)
+        .await
+        .expect("the majority takes writes");
+
+    proxies[old].heal();
+    let keys = assert_converged(&mut c, "p/", Duration::from_secs(30)).await;
+    assert_eq!(keys, ["p/before", "p/during"]);
+}
