@@ -35,6 +35,18 @@ pub enum GatewayError {
     BadLeaderTransferee,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    #[error("etcdserver: can only promote a learner member")]
+    NotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: invalid peer URL")]
+    BadPeerUrl,
 }
 
 impl From<GatewayError> for Status {
@@ -44,8 +56,14 @@ impl From<GatewayError> for Status {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
             | RequestTooLarge => Code::InvalidArgument,
             Timeout | Stopped | NoLeader | LeaderChanged => Code::Unavailable,
-            BadLeaderTransferee => Code::FailedPrecondition,
+            BadLeaderTransferee
+            | PeerUrlExists
+            | TooManyLearners
+            | NotEnoughStartedMembers
+            | NotLearner
+            | LearnerNotReady => Code::FailedPrecondition,
             MemberNotFound => Code::NotFound,
+            BadPeerUrl => Code::InvalidArgument,
         };
         Status::new(code, e.to_string())
     }
@@ -98,6 +116,9 @@ impl From<ApplyError> for StatusError {
         match e {
             ApplyError::Mvcc(m) => m.into(),
             ApplyError::Lease(l) => l.into(),
+            ApplyError::ConfChangeRejected => {
+                StatusError(Status::new(Code::FailedPrecondition, e.to_string()))
+            }
             other => StatusError(Status::new(Code::Internal, other.to_string())),
         }
     }

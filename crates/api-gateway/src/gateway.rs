@@ -137,6 +137,22 @@ impl Gateway {
         }
     }
 
+    /// Proposes a raft membership change and waits until it is applied everywhere it must be
+    /// (here: applied on this member, which then serves the new member list).
+    pub async fn propose_conf_change(
+        &self,
+        change: raft_node::ConfChange,
+    ) -> Result<ApplyResponse, StatusError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(RaftCommand::ProposeConfChange { change, reply: tx })
+            .await?;
+        match tokio::time::timeout(self.inner.limits.request_timeout, rx).await {
+            Ok(Ok(result)) => Ok(result?),
+            Ok(Err(_)) => Err(GatewayError::LeaderChanged.into()),
+            Err(_) => Err(GatewayError::Timeout.into()),
+        }
+    }
+
     /// Linearizable read barrier: learn the commit index through raft (ReadIndex), then wait
     /// until the applier has applied at least that far.
     pub async fn read_barrier(&self) -> Result<(), StatusError> {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use address::AddressBook;
-pub use service::RaftPeerService;
+pub use service::{MemberSource, RaftPeerService};
 
 #[derive(thiserror::Error, Debug)]
 pub enum TransportError {
@@ -252,6 +252,38 @@ async fn connect(
                     .max_encoding_message_size(usize::MAX))
             }
             Err(source) => last = TransportError::Connect { url, source },
+        }
+    }
+    Err(last)
+}
+
+/// Asks the members at `peer_urls` for the cluster this member is joining: (cluster id,
+/// members). The first that answers wins.
+pub async fn fetch_members(
+    peer_urls: &[String],
+) -> Result<(u64, Vec<oxcd_proto::etcdserverpb::Member>), TransportError> {
+    let mut last = TransportError::NoAddress(0);
+    for url in peer_urls {
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(url.clone()) else {
+            last = TransportError::BadUrl(url.clone());
+            continue;
+        };
+        let ch = match ep.connect_timeout(Duration::from_secs(2)).connect().await {
+            Ok(ch) => ch,
+            Err(source) => {
+                last = TransportError::Connect {
+                    url: url.clone(),
+                    source,
+                };
+                continue;
+            }
+        };
+        if let Ok(r) = RaftPeerClient::new(ch)
+            .members(oxcd_proto::oxcdpeerpb::MembersRequest {})
+            .await
+        {
+            let r = r.into_inner();
+            return Ok((r.cluster_id, r.members));
         }
     }
     Err(last)

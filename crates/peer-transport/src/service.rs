@@ -1,25 +1,38 @@
 //! The receiving side: peers' streams into raft-node's command channel.
 
 use oxcd_proto::oxcdpeerpb::raft_peer_server::RaftPeer;
-use oxcd_proto::oxcdpeerpb::{RaftBatch, StreamAck};
+use std::sync::Arc;
+
+use oxcd_proto::etcdserverpb::Member;
+use oxcd_proto::oxcdpeerpb::{MembersRequest, MembersResponse, RaftBatch, StreamAck};
 use raft_node::RaftCommand;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::decode_message;
 
+/// The member list this member serves to a joining member.
+pub type MemberSource = Arc<dyn Fn() -> Vec<Member> + Send + Sync>;
+
 pub struct RaftPeerService<R> {
     me: u64,
     cluster_id: u64,
     raft: mpsc::Sender<RaftCommand<R>>,
+    members: MemberSource,
 }
 
 impl<R> RaftPeerService<R> {
-    pub fn new(me: u64, cluster_id: u64, raft: mpsc::Sender<RaftCommand<R>>) -> Self {
+    pub fn new(
+        me: u64,
+        cluster_id: u64,
+        raft: mpsc::Sender<RaftCommand<R>>,
+        members: MemberSource,
+    ) -> Self {
         RaftPeerService {
             me,
             cluster_id,
             raft,
+            members,
         }
     }
 
@@ -43,6 +56,16 @@ impl<R> RaftPeerService<R> {
 
 #[tonic::async_trait]
 impl<R: Send + 'static> RaftPeer for RaftPeerService<R> {
+    async fn members(
+        &self,
+        _: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        Ok(Response::new(MembersResponse {
+            cluster_id: self.cluster_id,
+            members: (self.members)(),
+        }))
+    }
+
     async fn stream(
         &self,
         req: Request<Streaming<RaftBatch>>,

@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use oxcd_proto::oxcdpeerpb::raft_peer_server::RaftPeerServer;
@@ -15,7 +16,7 @@ async fn serve(me: u64, cluster_id: u64) -> (String, mpsc::Receiver<Cmd>) {
     let (tx, rx) = mpsc::channel(1024);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = RaftPeerServer::new(RaftPeerService::new(me, cluster_id, tx));
+    let svc = RaftPeerServer::new(RaftPeerService::new(me, cluster_id, tx, Arc::new(Vec::new)));
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(svc)
@@ -89,7 +90,12 @@ async fn a_peer_that_comes_back_is_reached_again() {
         .unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(RaftPeerServer::new(RaftPeerService::<()>::new(2, 7, tx)))
+            .add_service(RaftPeerServer::new(RaftPeerService::<()>::new(
+                2,
+                7,
+                tx,
+                Arc::new(Vec::new),
+            )))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     // raft resends; so does this test, until one gets through after the backoff.

@@ -120,6 +120,11 @@ pub struct RaftStatus {
     pub commit_index: u64,
     pub last_index: u64,
     pub is_leader: bool,
+    pub applied_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// On the leader: how far each member's log is known to match, by member id.
+    pub matched: Vec<(u64, u64)>,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -455,6 +460,14 @@ impl<R: Send + 'static> RaftNode<R> {
             commit_index: r.raft_log.committed,
             last_index: r.raft_log.last_index(),
             is_leader: r.state == StateRole::Leader,
+            applied_index: r.raft_log.applied,
+            voters: r.prs().conf().voters().ids().iter().collect(),
+            learners: r.prs().conf().learners().iter().copied().collect(),
+            matched: if r.state == StateRole::Leader {
+                r.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
