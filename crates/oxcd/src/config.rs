@@ -229,10 +229,6 @@ pub enum ConfigError {
         advertised: Vec<String>,
         listed: Vec<String>,
     },
-    #[error(
-        "--initial-cluster-state=existing (joining a running cluster) is not supported by oxcd yet"
-    )]
-    ExistingUnsupported,
 }
 
 impl Config {
@@ -273,9 +269,6 @@ impl Config {
         ];
         if let Some((flag, _)) = tls.iter().find(|(_, set)| *set) {
             return Err(ConfigError::TlsUnsupported { flag });
-        }
-        if self.initial_cluster_state == "existing" {
-            return Err(ConfigError::ExistingUnsupported);
         }
         Ok(())
     }

@@ -54,6 +54,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("join: {0}")]
+    Join(String),
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
 }
@@ -111,8 +113,29 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
 
     let data_dir = cfg.data_dir();
     let dd = DataDir::open(&data_dir)?;
+    let mut initial_members = initial_members;
+    let mut raft_voters: Vec<u64> = initial_members.iter().map(|m| m.id).collect();
+    let mut raft_learners = Vec::new();
     let identity = match dd.identity()? {
         Some(id) => id,
+        None if cfg.initial_cluster_state == "existing" => {
+            let (id, members) = join_existing(&cluster, &me.1, &cfg.name)?;
+            // raft starts from the running cluster's configuration without this member; its
+            // own addition arrives in the log it receives from the leader.
+            raft_voters = members
+                .iter()
+                .filter(|m| !m.is_learner && m.id != id.member_id)
+                .map(|m| m.id)
+                .collect();
+            raft_learners = members
+                .iter()
+                .filter(|m| m.is_learner && m.id != id.member_id)
+                .map(|m| m.id)
+                .collect();
+            initial_members = members;
+            dd.save_identity(&id)?;
+            id
+        }
         None => {
             let member_id = ids::member_id(&me.1, &cfg.initial_cluster_token);
             let all: Vec<u64> = initial_members.iter().map(|m| m.id).collect();
@@ -165,8 +188,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let raft_cfg = RaftConfig {
         id: identity.member_id,
         // Used only when the wal is new; afterwards the wal's own configuration holds.
-        voters: initial_members.iter().map(|m| m.id).collect(),
-        learners: vec![],
+        voters: raft_voters,
+        learners: raft_learners,
         election_tick,
         heartbeat_tick: 1,
         tick_interval: Duration::from_millis(cfg.heartbeat_interval.max(1)),
@@ -291,11 +314,13 @@ async fn serve(
     for addr in listeners.metrics {
         servers.push(listen(addr, metrics_app.clone(), stop_rx.clone()).await?);
     }
+    let listed = membership.clone();
     let peer_app = tonic::service::Routes::new(
         RaftPeerServer::new(RaftPeerService::new(
             identity.member_id,
             identity.cluster_id,
             raft_tx,
+            Arc::new(move || listed.list()),
         ))
         .max_decoding_message_size(usize::MAX),
     )
@@ -326,14 +351,83 @@ async fn serve(
     tokio::spawn(propose_lease_ticks(gw.clone(), tick_rx));
     tracing::info!("ready to serve client requests");
 
-    wait_for_signal().await;
-    tracing::info!("received shutdown signal, stopping");
+    tokio::select! {
+        _ = wait_for_signal() => tracing::info!("received shutdown signal, stopping"),
+        _ = removed(membership.clone(), identity.member_id) => {
+            tracing::warn!("the member has been permanently removed from the cluster; stopping");
+        }
+    }
     let _ = stop_tx.send(true);
     for s in servers {
         // Long-lived streams (watches) must not hold shutdown hostage.
         let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
     }
     Ok(())
+}
+
+/// Resolves once the applied membership no longer lists this member (MemberRemove).
+async fn removed(membership: Membership, me: u64) {
+    let mut changes = membership.subscribe();
+    let mut listed = membership.get(me).is_some();
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = membership.get(me).is_some();
+        if listed && !now {
+            return;
+        }
+        listed = now;
+    }
+}
+
+/// --initial-cluster-state existing: learn the cluster from the members already running (they
+/// must have added this member with MemberAdd, under these peer URLs).
+fn join_existing(
+    cluster: &[(String, Vec<String>)],
+    my_urls: &[String],
+    my_name: &str,
+) -> Result<(Identity, Vec<Member>), ServerError> {
+    let peers: Vec<String> = cluster
+        .iter()
+        .filter(|(n, _)| n != my_name)
+        .flat_map(|(_, u)| u.clone())
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (cluster_id, members) = rt
+        .block_on(peer_transport::fetch_members(&peers))
+        .map_err(|e| ServerError::Join(format!("cannot reach the existing cluster: {e}")))?;
+    let mut mine = my_urls.to_vec();
+    mine.sort();
+    let me = members
+        .iter()
+        .find(|m| {
+            let mut u = m.peer_ur_ls.clone();
+            u.sort();
+            u == mine
+        })
+        .ok_or_else(|| {
+            ServerError::Join(format!(
+                "no member with peer URLs {} in the existing cluster; add it with MemberAdd first",
+                my_urls.join(",")
+            ))
+        })?;
+    let id = Identity {
+        member_id: me.id,
+        cluster_id,
+    };
+    let members = members
+        .into_iter()
+        .map(|mut m| {
+            if m.id == id.member_id && m.name.is_empty() {
+                m.name = my_name.to_string();
+            }
+            m
+        })
+        .collect();
+    Ok((id, members))
 }
 
 struct Listeners {
