@@ -33,6 +33,7 @@ impl TestCluster {
         let flags = ClusterFlags {
             initial_cluster,
             token: format!("oxcd-test-cluster-{}", ports[0].1),
+            existing: false,
         };
         let members: Vec<Server> = ports
             .iter()
@@ -72,6 +73,36 @@ impl TestCluster {
             .iter_mut()
             .filter_map(|m| m.try_wait().is_none().then(|| m.endpoint()))
             .collect()
+    }
+
+    /// Starts a member that joins the running cluster (`--initial-cluster-state existing`) as
+    /// `name` on `peer_port`, after it was added with MemberAdd. `initial_cluster` lists the
+    /// members it should contact, itself included. Does not wait for it.
+    pub fn join(&mut self, name: &str, peer_port: u16, initial_cluster: String) -> usize {
+        let token = self.members[0]
+            .spec()
+            .cluster
+            .as_ref()
+            .expect("a multi-member cluster")
+            .token
+            .clone();
+        let spec = ServerSpec {
+            bin: crate::server_bin(),
+            name: name.to_string(),
+            data_dir: self._data.path().join(name),
+            client_port: free_port(),
+            peer_port,
+            extra_args: Vec::new(),
+            via: ConfigVia::Flags,
+            cluster: Some(ClusterFlags {
+                initial_cluster,
+                token,
+                existing: true,
+            }),
+            peer_listen_port: None,
+        };
+        self.members.push(Server::spawn(spec, None));
+        self.members.len() - 1
     }
 
     /// Restarts member `i` (after it exited) and waits until it is healthy.
@@ -193,6 +224,7 @@ impl TestCluster {
         let flags = ClusterFlags {
             initial_cluster,
             token: format!("oxcd-test-cluster-{}", ports[0].1),
+            existing: false,
         };
         let proxies = ports
             .iter()

@@ -153,6 +153,8 @@ pub struct ClusterFlags {
     /// `--initial-cluster`, e.g. `m0=http://127.0.0.1:P0,m1=...`.
     pub initial_cluster: String,
     pub token: String,
+    /// `--initial-cluster-state existing`: the member joins a running cluster.
+    pub existing: bool,
 }
 
 impl ServerSpec {
@@ -186,7 +188,13 @@ impl ServerSpec {
                     None => format!("{}={}", self.name, self.peer_url()),
                 },
             ),
-            ("initial-cluster-state", "new".into()),
+            (
+                "initial-cluster-state",
+                match &self.cluster {
+                    Some(c) if c.existing => "existing".into(),
+                    _ => "new".into(),
+                },
+            ),
             (
                 "initial-cluster-token",
                 match &self.cluster {

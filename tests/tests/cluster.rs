@@ -65,11 +65,15 @@ async fn leader_index(c: &mut TestCluster, timeout: Duration) -> usize {
 /// Every member holds the same data: same revision and the same HashKV at it, and the same
 /// keys under `prefix`. Waits for laggards.
 async fn assert_converged(c: &mut TestCluster, prefix: &str, timeout: Duration) -> Vec<String> {
+    converged_on(&c.endpoints(), prefix, timeout).await
+}
+
+async fn converged_on(eps: &[String], prefix: &str, timeout: Duration) -> Vec<String> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut views = Vec::new();
-        for ep in c.endpoints() {
-            let Some(mut cl) = connect(&ep, Duration::from_secs(3)).await else {
+        for ep in eps {
+            let Some(mut cl) = connect(ep, Duration::from_secs(3)).await else {
                 views.push(None);
                 continue;
             };
@@ -566,4 +570,121 @@ async fn a_partitioned_minority_takes_no_writes_and_serves_no_linearizable_reads
     proxies[old].heal();
     let keys = assert_converged(&mut c, "p/", Duration::from_secs(30)).await;
     assert_eq!(keys, ["p/before", "p/during"]);
+}
+
+/// Membership changes while a client writes: a learner is added and joins with
+/// `--initial-cluster-state existing`, is promoted once in sync, and another member is removed
+/// (and stops); every acknowledged write is on every remaining member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_promoted_and_removed_while_clients_write() {
+    use etcd_client::MemberAddOptions;
+    let mut c = TestCluster::start(3, &[]);
+    let eps = c.endpoints();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let (ep, stop, acked) = (eps[0].clone(), stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut cl = connect(&ep, Duration::from_secs(5)).await.unwrap();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("mw/{i:06}");
+                if cl.put(key.clone(), "v", None).await.is_ok() {
+                    acked.lock().unwrap().push(key);
+                }
+                i += 1;
+            }
+        })
+    };
+    let mut admin = connect(&eps[1], Duration::from_secs(10)).await.unwrap();
+    TestCluster::wait_for(
+        "published member attributes",
+        Duration::from_secs(10),
+        || {
+            futures_lite_block(admin.member_list())
+                .is_ok_and(|l| l.members().iter().all(|m| !m.name().is_empty()))
+        },
+    );
+
+    // Add a learner, then start it.
+    let peer_port = oxcd_tests::free_port();
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let added = admin
+        .member_add(
+            [peer_url.clone()],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("member add (learner)");
+    let new_id = added.member().unwrap().id();
+    assert!(added.member().unwrap().is_learner());
+    assert_eq!(added.member_list().len(), 4);
+    // A second learner is refused while one exists.
+    let second = admin
+        .member_add(
+            [format!("http://127.0.0.1:{}", oxcd_tests::free_port())],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
+        .await;
+    let err = format!("{:?}", second.expect_err("a second learner"));
+    assert!(err.contains("too many learner members"), "{err}");
+    // A peer URL already in use is refused.
+    let dup = admin.member_add([peer_url.clone()], None).await;
+    assert!(format!("{:?}", dup.unwrap_err()).contains("Peer URLs already exists"));
+
+    let mut initial: Vec<String> = (0..3)
+        .map(|i| format!("m{i}={}", c.members[i].spec().peer_url()))
+        .collect();
+    initial.push(format!("m3={peer_url}"));
+    let joined = c.join("m3", peer_port, initial.join(","));
+    c.members[joined].wait_healthy(Duration::from_secs(30));
+
+    // Promote once in sync (the leader refuses before that with etcd's text).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match admin.member_promote(new_id).await {
+            Ok(r) => {
+                assert!(r.members().iter().all(|m| !m.is_learner()));
+                break;
+            }
+            Err(e) => {
+                let text = format!("{e:?}");
+                assert!(text.contains("in sync with leader"), "{text}");
+                assert!(Instant::now() < deadline, "learner never in sync");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    // Promoting a voter is refused.
+    let again = admin.member_promote(new_id).await;
+    assert!(format!("{:?}", again.unwrap_err()).contains("can only promote a learner member"));
+
+    // Remove m2; it stops by itself.
+    let m2_id = status(&eps[2]).await.unwrap().0;
+    let after = admin.member_remove(m2_id).await.expect("member remove");
+    assert_eq!(after.members().len(), 3);
+    assert!(
+        c.members[2].wait_exit(Duration::from_secs(15)).is_some(),
+        "a removed member must stop"
+    );
+    let missing = admin.member_remove(m2_id).await;
+    assert!(format!("{:?}", missing.unwrap_err()).contains("member not found"));
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let live = vec![eps[0].clone(), eps[1].clone(), c.members[joined].endpoint()];
+    let keys = converged_on(&live, "mw/", Duration::from_secs(30)).await;
+    let present: BTreeSet<&str> = keys.iter().map(String::as_str).collect();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 10, "too few writes: {}", acked.len());
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|k| !present.contains(k.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    let list = admin.member_list().await.unwrap();
+    let mut names: Vec<&str> = list.members().iter().map(|m| m.name()).collect();
+    names.sort();
+    assert_eq!(names, ["m0", "m1", "m3"]);
 }
