@@ -166,6 +166,25 @@ async fn every_member_serves_reads_writes_and_membership() {
     names.sort();
     assert_eq!(names, ["m0", "m1", "m2"]);
     assert_converged(&mut c, "via/", Duration::from_secs(10)).await;
+
+    // MoveLeader on the leader hands leadership to the member named; a follower refuses.
+    let leader = leader_index(&mut c, Duration::from_secs(10)).await;
+    let target = (leader + 1) % eps.len();
+    let target_id = status(&eps[target]).await.unwrap().0;
+    let mut follower = connect(&eps[target], Duration::from_secs(5)).await.unwrap();
+    let refused = follower.move_leader(target_id).await;
+    assert!(
+        format!("{:?}", refused.unwrap_err()).contains("not leader"),
+        "MoveLeader on a follower"
+    );
+    let mut l = connect(&eps[leader], Duration::from_secs(10))
+        .await
+        .unwrap();
+    l.move_leader(target_id).await.expect("move leader");
+    assert_eq!(leader_index(&mut c, Duration::from_secs(10)).await, target);
+    let st = follower.status().await.unwrap();
+    assert_eq!(st.leader(), target_id);
+    assert!(st.raft_applied_index() > 0 && st.raft_index() >= st.raft_applied_index());
 }
 
 /// Runs a future to completion from sync code inside the test's runtime.

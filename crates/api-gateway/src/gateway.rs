@@ -153,6 +153,10 @@ impl Gateway {
         }
     }
 
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), StatusError> {
+        self.send(RaftCommand::TransferLeader { to }).await
+    }
+
     /// Linearizable read barrier: learn the commit index through raft (ReadIndex), then wait
     /// until the applier has applied at least that far.
     pub async fn read_barrier(&self) -> Result<(), StatusError> {

@@ -61,7 +61,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: self.gw.applied_index(),
             errors: vec![],
             db_size_in_use: store.db_size_in_use(),
-            is_learner: false,
+            is_learner: raft.learners.contains(&raft.id),
         }))
     }
 
@@ -132,7 +132,27 @@ impl Maintenance for MaintenanceService {
                 header: self.header(),
             }));
         }
-        Err(GatewayError::BadLeaderTransferee.into())
+        if !raft.voters.contains(&target) {
+            return Err(GatewayError::BadLeaderTransferee.into());
+        }
+        self.gw.transfer_leader(target).await?;
+        // raft hands over once the target's log matches; watch for the outcome.
+        let deadline = tokio::time::Instant::now() + self.gw.limits().request_timeout;
+        loop {
+            let now = self.gw.raft_status().await?;
+            if now.leader_id == target {
+                return Ok(Response::new(MoveLeaderResponse {
+                    header: self.header(),
+                }));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Status::new(
+                    Code::Unavailable,
+                    "etcdserver: request timed out, leader transfer took too long",
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     async fn downgrade(

@@ -97,6 +97,10 @@ pub enum RaftCommand<R> {
     },
     /// A message from a peer.
     Step(Box<Message>),
+    /// Asks the leader to hand leadership to `to` (MoveLeader); the caller watches the status.
+    TransferLeader {
+        to: u64,
+    },
 }
 
 pub struct CommittedEntry<R> {
@@ -403,6 +407,11 @@ impl<R: Send + 'static> RaftNode<R> {
             RaftCommand::ReadIndex { reply } => self.queued_reads.push(reply),
             RaftCommand::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            RaftCommand::TransferLeader { to } => {
+                if self.raw.raft.state == StateRole::Leader {
+                    self.raw.transfer_leader(to);
+                }
             }
             RaftCommand::Step(msg) => {
                 if let Err(e) = self.raw.step(*msg) {
