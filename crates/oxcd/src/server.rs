@@ -73,6 +73,12 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         );
     }
     cfg.refuse_unsupported()?;
+    if cfg.snapshot_count != 100_000 {
+        tracing::warn!(
+            snapshot_count = cfg.snapshot_count,
+            "--snapshot-count has no effect yet: oxcd keeps the whole raft log"
+        );
+    }
     let metrics = install_metrics()?;
 
     let cluster = cfg.initial_cluster()?;
