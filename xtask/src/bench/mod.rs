@@ -64,8 +64,8 @@ pub struct BenchArgs {
     /// Where data directories go (default: target/bench-data under the workspace).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
-    /// Markdown file whose generated section is replaced (default: BENCHMARKS.md for a full
-    /// single-node run, nothing with --quick).
+    /// Markdown file whose generated section (one per cluster size) is replaced (default:
+    /// BENCHMARKS.md for a full run, nothing with --quick).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Do not write any markdown file.
@@ -682,10 +682,10 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
     } else {
         args.out
             .clone()
-            .or_else(|| (!quick && args.nodes == 1).then(|| workspace_root().join("BENCHMARKS.md")))
+            .or_else(|| (!quick).then(|| workspace_root().join("BENCHMARKS.md")))
     };
     if let Some(path) = out {
-        report::write_section(&path, &md)?;
+        report::write_section_for(&path, &md, args.nodes)?;
         eprintln!("bench: results written to {}", path.display());
     }
 
