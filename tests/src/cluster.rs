@@ -19,15 +19,27 @@ impl TestCluster {
     /// Starts `n` members of the server under test and waits until each is healthy (has a
     /// leader). `extra_args` go to every member.
     pub fn start(n: usize, extra_args: &[&str]) -> TestCluster {
+        Self::launch(n, extra_args, false).0
+    }
+
+    /// Starts the members; with `proxied`, each listens for peers behind a [`FaultProxy`] on
+    /// its advertised peer port.
+    fn launch(n: usize, extra_args: &[&str], proxied: bool) -> (TestCluster, Vec<FaultProxy>) {
         let data = tempfile::Builder::new()
             .prefix("oxcd-test-cluster")
             .tempdir()
             .expect("temp dir");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        // (client, advertised peer, listened peer) ports.
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| {
+                let peer = free_port();
+                (free_port(), peer, if proxied { free_port() } else { peer })
+            })
+            .collect();
         let initial_cluster = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .map(|(i, (_, peer, _))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect::<Vec<_>>()
             .join(",");
         let flags = ClusterFlags {
@@ -35,10 +47,18 @@ impl TestCluster {
             token: format!("oxcd-test-cluster-{}", ports[0].1),
             existing: false,
         };
+        let proxies = if proxied {
+            ports
+                .iter()
+                .map(|(_, peer, real)| FaultProxy::start(*peer, *real))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let members: Vec<Server> = ports
             .iter()
             .enumerate()
-            .map(|(i, (client, peer))| {
+            .map(|(i, (client, peer, real))| {
                 let spec = ServerSpec {
                     bin: crate::server_bin(),
                     name: format!("m{i}"),
@@ -48,7 +68,7 @@ impl TestCluster {
                     extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
                     via: ConfigVia::Flags,
                     cluster: Some(flags.clone()),
-                    peer_listen_port: None,
+                    peer_listen_port: proxied.then_some(*real),
                 };
                 Server::spawn(spec, None)
             })
@@ -60,7 +80,7 @@ impl TestCluster {
         for m in &mut c.members {
             m.wait_healthy(START_TIMEOUT);
         }
-        c
+        (c, proxies)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -208,55 +228,6 @@ impl TestCluster {
     /// Like [`TestCluster::start`], with a [`FaultProxy`] on every member's advertised peer
     /// port (members listen for peers on another port behind it).
     pub fn start_with_proxies(n: usize, extra_args: &[&str]) -> (TestCluster, Vec<FaultProxy>) {
-        let data = tempfile::Builder::new()
-            .prefix("oxcd-test-cluster")
-            .tempdir()
-            .expect("temp dir");
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
-        let initial_cluster = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer, _))| format!("m{i}=http://127.0.0.1:{peer}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let flags = ClusterFlags {
-            initial_cluster,
-            token: format!("oxcd-test-cluster-{}", ports[0].1),
-            existing: false,
-        };
-        let proxies = ports
-            .iter()
-            .map(|(_, peer, real)| FaultProxy::start(*peer, *real))
-            .collect();
-        let members = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (client, peer, real))| {
-                Server::spawn(
-                    ServerSpec {
-                        bin: crate::server_bin(),
-                        name: format!("m{i}"),
-                        data_dir: data.path().join(format!("m{i}")),
-                        client_port: *client,
-                        peer_port: *peer,
-                        extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-                        via: ConfigVia::Flags,
-                        cluster: Some(flags.clone()),
-                        peer_listen_port: Some(*real),
-                    },
-                    None,
-                )
-            })
-            .collect();
-        let mut c = TestCluster {
-            members,
-            _data: data,
-        };
-        for m in &mut c.members {
-            m.wait_healthy(START_TIMEOUT);
-        }
-        (c, proxies)
+        Self::launch(n, extra_args, true)
     }
 }

@@ -930,19 +930,18 @@ fn etcdctl_lock_excludes_while_the_holders_member_is_killed() {
         "a section never ended: {open:?}\n{text}\n{}",
         errors()
     );
-    for i in &failed {
-        assert!(
-            !sections.iter().any(|s| s.2 == *i),
-            "contender {i} failed after holding the lock:\n{}",
-            errors()
-        );
-    }
+    // A contender may also fail after its section: its Unlock can meet the leader change (the
+    // lock then goes with its session's lease). Only overlap would break mutual exclusion.
+    let gave_up = failed
+        .iter()
+        .filter(|i| !sections.iter().any(|s| s.2 == **i))
+        .count();
     assert!(
         sections.iter().any(|s| s.2 == holder),
         "the holder, whose member was killed, finished its section:\n{text}"
     );
     assert_eq!(
-        sections.len() + failed.len(),
+        sections.len() + gave_up,
         contenders,
         "every contender either held the lock once or gave up:\n{text}\n{}",
         errors()
