@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use loadgen::kv::{PutArgs, RangeArgs, TxnPutArgs};
-use loadgen::lease::LeaseArgs;
+use loadgen::lease::{GrantRevokeArgs, LeaseArgs};
 use loadgen::watch::WatchArgs;
 use loadgen::Common;
 
@@ -103,6 +103,13 @@ enum LoadScenario {
         #[command(flatten)]
         args: LeaseArgs,
     },
+    /// Pairs of LeaseGrant then LeaseRevoke of that lease, one pair at a time per client.
+    LeaseGrantRevoke {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: GrantRevokeArgs,
+    },
 }
 
 /// Options of `watch-fanout` left at their watch-latency defaults take the fan-out defaults.
@@ -157,6 +164,9 @@ async fn load(
         }
         LoadScenario::LeaseKeepalive { common, args } => {
             loadgen::lease::keepalive(&common, &args).await
+        }
+        LoadScenario::LeaseGrantRevoke { common, args } => {
+            loadgen::lease::grant_revoke(&common, &args).await
         }
     }
 }

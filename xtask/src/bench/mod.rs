@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::loadgen::kv::{self, Consistency, KeyArgs, PutArgs, RangeArgs, TxnPutArgs};
-use crate::loadgen::lease::{self, LeaseArgs};
+use crate::loadgen::lease::{self, GrantRevokeArgs, LeaseArgs};
 use crate::loadgen::watch::{self, WatchArgs};
 use crate::loadgen::{Common, ProgressMode, Report};
 pub use server::ServerKind;
@@ -37,13 +37,14 @@ pub enum Profile {
 pub struct BenchArgs {
     /// Scenarios to run (default: all): put, put-serial, range-l, range-s, txn-put,
     /// watch-latency, watch-fanout (10k watchers), watch-fanout-100k (full runs only),
-    /// lease-keepalive.
+    /// lease-keepalive, lease-grant-revoke.
     pub scenarios: Vec<String>,
     /// Members per server: 1, or 3 for a loopback cluster.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
     /// Smoke run (about a minute): small totals, one round, results not written to BENCHMARKS.md;
-    /// exits non-zero if any put, range or txn-put request failed against oxcd.
+    /// exits non-zero if any put, range, txn-put or lease grant/revoke request failed against
+    /// oxcd.
     #[arg(long)]
     pub quick: bool,
     /// Runs per server per scenario (default 2; 1 with --quick).
@@ -102,9 +103,10 @@ enum Work {
     TxnPut(TxnPutArgs),
     Watch(WatchArgs),
     Lease(LeaseArgs),
+    GrantRevoke(GrantRevokeArgs),
 }
 
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "put",
     "put-serial",
     "range-l",
@@ -114,6 +116,7 @@ pub const SCENARIOS: [&str; 9] = [
     "watch-fanout",
     "watch-fanout-100k",
     "lease-keepalive",
+    "lease-grant-revoke",
 ];
 
 fn scaled(n: u64, quick_n: u64, quick: bool, scale: f64) -> u64 {
@@ -284,6 +287,23 @@ fn scenario(name: &'static str, quick: bool, scale: f64) -> Scenario {
                 work: Work::Lease(a),
             }
         }
+        "lease-grant-revoke" => {
+            let a = GrantRevokeArgs {
+                total: s(20_000, 500),
+                ttl: 60,
+            };
+            Scenario {
+                name,
+                load: format!(
+                    "{} LeaseGrant (TTL 60 s) + LeaseRevoke pairs, 16 clients, 4 conns; one op is one pair",
+                    a.total
+                ),
+                gating: true,
+                preload: None,
+                common: common(16, 4),
+                work: Work::GrantRevoke(a),
+            }
+        }
         other => unreachable!("scenario {other} was validated"),
     }
 }
@@ -295,6 +315,7 @@ async fn run_work(name: &str, common: &Common, work: &Work) -> Result<Report> {
         Work::TxnPut(a) => kv::txn_put(common, a).await?,
         Work::Watch(a) => watch::run(name, common, a).await?,
         Work::Lease(a) => lease::keepalive(common, a).await?,
+        Work::GrantRevoke(a) => lease::grant_revoke(common, a).await?,
     };
     r.scenario = name.to_string();
     Ok(r)
@@ -712,7 +733,19 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
     }
     if failed.is_empty() {
         if quick && servers.contains(&ServerKind::Oxcd) {
-            eprintln!("bench --quick: no failed request against oxcd on put, range and txn-put");
+            let gating: Vec<&str> = scenarios
+                .iter()
+                .copied()
+                .filter(|n| scenario(n, quick, args.scale).gating)
+                .collect();
+            eprintln!(
+                "bench --quick: no failed request against oxcd on {}",
+                if gating.is_empty() {
+                    "any gating scenario (none selected)".to_string()
+                } else {
+                    gating.join(", ")
+                }
+            );
         }
         Ok(0)
     } else {
@@ -834,4 +867,39 @@ pub fn fsync_probe(dir: &Path, seconds: f64) -> Result<()> {
     );
     println!("{}", serde_json::to_string(&r).expect("serializes"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_scenario_is_defined() {
+        for quick in [false, true] {
+            for name in SCENARIOS {
+                let sc = scenario(name, quick, 1.0);
+                assert_eq!(sc.name, name);
+                assert!(!sc.load.is_empty());
+                assert!(sc.common.clients >= 1 && sc.common.conns >= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn lease_grant_revoke_is_bounded_and_gating() {
+        for (quick, pairs) in [(false, 20_000), (true, 500)] {
+            let sc = scenario("lease-grant-revoke", quick, 1.0);
+            assert!(sc.gating, "a failed grant or revoke fails the smoke run");
+            assert!(sc.preload.is_none());
+            assert_eq!((sc.common.clients, sc.common.conns), (16, 4));
+            match sc.work {
+                Work::GrantRevoke(a) => assert_eq!((a.total, a.ttl), (pairs, 60)),
+                _ => panic!("lease-grant-revoke runs grant/revoke pairs"),
+            }
+        }
+        match scenario("lease-grant-revoke", true, 2.0).work {
+            Work::GrantRevoke(a) => assert_eq!(a.total, 1_000),
+            _ => unreachable!(),
+        }
+    }
 }

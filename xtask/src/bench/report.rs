@@ -257,7 +257,7 @@ pub fn markdown(ctx: &Context, outcomes: &Outcomes, scenarios: &[&str]) -> Strin
         }
     }
 
-    let _ = writeln!(md, "\nScenarios (ops of watch scenarios are delivered events; of lease-keepalive, keep-alive round trips):\n");
+    let _ = writeln!(md, "\nScenarios (ops of watch scenarios are delivered events; of lease-keepalive, keep-alive round trips; of lease-grant-revoke, grant+revoke pairs):\n");
     for (name, load) in &ctx.scenarios {
         let _ = writeln!(md, "- `{name}`: {load}");
     }

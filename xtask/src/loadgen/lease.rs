@@ -1,5 +1,9 @@
-//! `lease-keepalive`: grant L leases, renew them over keep-alive streams (one per client) and
-//! time each renewal round trip, then revoke them. Grant and revoke failures count as errors.
+//! Lease scenarios.
+//!
+//! - `lease-keepalive`: grant L leases, renew them over keep-alive streams (one per client) and
+//!   time each renewal round trip, then revoke them. Grant and revoke failures count as errors.
+//! - `lease-grant-revoke`: every client loops LeaseGrant then LeaseRevoke of the lease it just
+//!   got. One operation is one grant+revoke pair; grant and revoke latencies are kept apart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,7 +14,11 @@ use futures::channel::mpsc;
 use futures::SinkExt;
 use oxcd_proto::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest};
 
-use super::{closed_loop, status_kind, Common, Percentiles, Pool, Progress, Report, Stats};
+use hdrhistogram::Histogram;
+
+use super::{
+    closed_loop, new_histogram, status_kind, Common, Percentiles, Pool, Progress, Report, Stats,
+};
 use crate::error::{Error, Result};
 
 #[derive(Args, Debug, Clone)]
@@ -180,5 +188,106 @@ pub async fn keepalive(common: &Common, args: &LeaseArgs) -> Result<Report> {
     report
         .extra
         .insert("revoke_p99_ms".into(), Percentiles::of(&revokes.hist).p99);
+    Ok(report)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GrantRevokeArgs {
+    /// Total grant+revoke pairs (each pair is two requests).
+    #[arg(long, default_value_t = 10_000)]
+    pub total: u64,
+    /// TTL of the granted leases in seconds (each is revoked right away; the TTL only bounds
+    /// how long a lease whose revoke failed lingers).
+    #[arg(long, default_value_t = 60)]
+    pub ttl: i64,
+}
+
+/// Grant and revoke latencies of one client (kept per client so workers never contend).
+struct PairHists {
+    grant: Histogram<u64>,
+    revoke: Histogram<u64>,
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+/// `lease-grant-revoke`: `total` pairs of LeaseGrant(ttl) then LeaseRevoke of that lease, each
+/// client waiting for the revoke before its next grant. The report counts pairs: throughput is
+/// pairs per second and the main latency is that of the whole pair; a pair whose grant or
+/// revoke failed is one error, of kind `grant: ...` or `revoke: ...`. Extra figures give the
+/// grant and revoke latencies on their own and the request rate (grants plus revokes).
+pub async fn grant_revoke(common: &Common, args: &GrantRevokeArgs) -> Result<Report> {
+    if args.ttl <= 0 {
+        return Err(Error::Usage("--ttl must be at least 1".into()));
+    }
+    let pool = Pool::connect(common).await?;
+    let hists: Arc<Vec<std::sync::Mutex<PairHists>>> = Arc::new(
+        (0..common.clients)
+            .map(|_| {
+                std::sync::Mutex::new(PairHists {
+                    grant: new_histogram(),
+                    revoke: new_histogram(),
+                })
+            })
+            .collect(),
+    );
+    let (p, h, ttl) = (pool.clone(), hists.clone(), args.ttl);
+    let mut report = closed_loop("lease-grant-revoke", common, args.total, move |c, _| {
+        let mut lc = p.lease(c);
+        let h = h.clone();
+        async move {
+            let t0 = Instant::now();
+            let resp = lc
+                .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+                .await
+                .map_err(|s| status_kind("grant: ", &s))?
+                .into_inner();
+            if !resp.error.is_empty() {
+                return Err(format!("grant: {}", resp.error));
+            }
+            if resp.id == 0 {
+                return Err("grant: no lease id in the response".into());
+            }
+            let t1 = Instant::now();
+            h[c].lock()
+                .expect("latency histograms")
+                .grant
+                .saturating_record(micros(t1 - t0));
+            lc.lease_revoke(LeaseRevokeRequest { id: resp.id })
+                .await
+                .map_err(|s| status_kind("revoke: ", &s))?;
+            h[c].lock()
+                .expect("latency histograms")
+                .revoke
+                .saturating_record(micros(t1.elapsed()));
+            Ok(())
+        }
+    })
+    .await;
+
+    let (mut grant, mut revoke) = (new_histogram(), new_histogram());
+    for m in hists.iter() {
+        let m = m.lock().expect("latency histograms");
+        grant.add(&m.grant).expect("histograms share bounds");
+        revoke.add(&m.revoke).expect("histograms share bounds");
+    }
+    let (g, r) = (Percentiles::of(&grant), Percentiles::of(&revoke));
+    let secs = report.elapsed_s.max(1e-9);
+    let extra = [
+        ("grant_p50_ms", g.p50),
+        ("grant_p99_ms", g.p99),
+        ("revoke_p50_ms", r.p50),
+        ("revoke_p99_ms", r.p99),
+        ("grants_ok", grant.len() as f64),
+        ("revokes_ok", revoke.len() as f64),
+        (
+            "grant_and_revoke_requests_per_s",
+            (grant.len() + revoke.len()) as f64 / secs,
+        ),
+    ];
+    for (k, v) in extra {
+        report.extra.insert(k.into(), v);
+    }
     Ok(report)
 }
