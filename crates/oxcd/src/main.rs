@@ -5,10 +5,6 @@
 mod config;
 mod datadir;
 mod dump_logs;
-// Used once server.rs's listen() serves `h2_authority::Lenient(listener)`; until then only its
-// own tests use it.
-#[allow(dead_code)]
-mod h2_authority;
 mod http;
 mod ids;
 mod server;
