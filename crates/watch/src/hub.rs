@@ -499,9 +499,12 @@ impl Hub {
         let key = self.next_watcher;
         self.next_watcher += 1;
         // As etcd: no start revision means "after now"; a future one is synced right away and
-        // simply ignores revisions below it; a past one reads History first.
+        // simply ignores revisions below it; a past one reads History first. "Now" is the
+        // store's revision, not the hub's: a client that saw its put acknowledged and then
+        // watches must not get that put, even if the hub has not been told of it yet.
+        let now = self.history.current_revision().max(self.rev);
         let (min_rev, synced) = match spec.start_revision {
-            0 => (self.rev + 1, true),
+            0 => (now + 1, true),
             r if r > self.rev => (r, true),
             r => (r, false),
         };
@@ -532,7 +535,7 @@ impl Hub {
         self.watchers.insert(key, watcher);
         let notice = Notice::Created {
             watch_id: id,
-            revision: self.rev,
+            revision: now,
         };
         self.offer_control(sk, notice, Some((reply, Ok(id))));
     }

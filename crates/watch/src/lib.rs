@@ -34,9 +34,10 @@ pub mod metric_names {
 
 /// History the watch layer catches up from (implemented over mvcc-store by the server).
 ///
-/// Calls are blocking and run on tokio's blocking pool, never on the hub's task.
+/// `events_since` blocks and runs on tokio's blocking pool, never on the hub's task.
 pub trait History: Send + Sync + 'static {
-    /// Latest revision written to the store.
+    /// Latest revision written to the store. Must be cheap: the hub asks it on its own task
+    /// when a watcher starts "from now".
     fn current_revision(&self) -> i64;
     /// Revision of the last compaction, 0 when the store was never compacted.
     fn compact_revision(&self) -> i64;

@@ -618,3 +618,25 @@ async fn slow_consumer_stays_bounded_then_catches_up() {
     let stats = rig.hub.stats().await.unwrap();
     assert_eq!((stats.synced, stats.unsynced), (2, 0));
 }
+
+#[tokio::test]
+async fn watch_from_now_starts_after_the_store_not_after_the_hub() {
+    let rig = Rig::new(WatchConfig::default());
+    rig.put(b"a", b"seen-by-hub").await;
+    rig.settle().await;
+    // Written and acknowledged, but not yet published to the hub (as when the applier's
+    // channel lags the client's response).
+    let late = rig.history.put(b"a", b"acknowledged");
+    let (ws, mut rx) = rig.stream(16);
+    let id = ws.watch(spec(b"a", b"")).await.unwrap();
+    assert_eq!(created(&mut rx).await, (id, late.revision));
+    rig.publish.send(late).await.unwrap();
+    quiet(&mut rx).await;
+    let rev = rig.put(b"a", b"after").await;
+    match next(&mut rx).await {
+        Notice::Events { events, .. } => {
+            assert_eq!(summary(&events), vec![(rev, "a".to_string(), PUT)])
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
