@@ -2,6 +2,7 @@
 //!
 //! `oxcd [etcd flags]` runs a member; `oxcd dump-logs DATA_DIR` prints its replicated log.
 
+mod auto_compaction;
 mod config;
 mod datadir;
 mod dump_logs;

@@ -30,6 +30,7 @@ use raft_node::{RaftConfig, RaftNode};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use watch::{WatchConfig, WatchHub};
 
+use crate::auto_compaction;
 use crate::config::{parse_url, split_urls, Config, ConfigError};
 use crate::datadir::{DataDir, DataDirError, Identity};
 use crate::http::{self, HttpState};
@@ -41,6 +42,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    AutoCompaction(#[from] auto_compaction::RetentionError),
     #[error("storage: {0}")]
     Storage(#[from] mvcc_store::MvccError),
     #[error("raft: {0}")]
@@ -73,6 +76,10 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         );
     }
     cfg.refuse_unsupported()?;
+    let compaction = auto_compaction::Policy::from_flags(
+        &cfg.auto_compaction_mode,
+        &cfg.auto_compaction_retention,
+    )?;
     if cfg.snapshot_count != 100_000 {
         tracing::warn!(
             snapshot_count = cfg.snapshot_count,
@@ -241,6 +248,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         },
         membership,
         book,
+        compaction,
     ));
     // Every sender to raft-node is gone once serve returns: the Ready loop ends, which closes
     // the committed channel, which ends the applier.
@@ -264,6 +272,7 @@ async fn serve(
     listeners: Listeners,
     membership: Membership,
     book: AddressBook,
+    compaction: Option<auto_compaction::Policy>,
 ) -> Result<(), ServerError> {
     let headers = HeaderSource::new(identity.cluster_id, identity.member_id);
     let limits = Limits {
@@ -352,6 +361,10 @@ async fn serve(
         leases.clone(),
         Duration::from_millis(cfg.election_timeout),
     ));
+    if let Some(policy) = compaction {
+        let compactor = auto_compaction::GatewayCompactor::new(gw.clone());
+        tokio::spawn(auto_compaction::run(policy, compactor));
+    }
     let (tick_tx, tick_rx) = mpsc::channel(16);
     leases.spawn_ticker(TickerConfig::default(), tick_tx);
     tokio::spawn(propose_lease_ticks(gw.clone(), tick_rx));
