@@ -6,6 +6,7 @@ mod auto_compaction;
 mod config;
 mod datadir;
 mod dump_logs;
+mod h2_authority;
 mod http;
 mod ids;
 mod server;

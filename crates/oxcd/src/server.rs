@@ -513,6 +513,8 @@ async fn listen(
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
         });
+        // etcdctl sends an endpoint given as http://host:port whole as the :authority.
+        let listener = crate::h2_authority::Lenient(listener);
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
