@@ -60,6 +60,10 @@ pub trait KvEngine: Send + Sync + 'static {
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError>;
     /// Bytes the engine occupies (on disk for RocksDB).
+    /// Every key in order, from one point-in-time view (snapshots for other members).
+    fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError>;
+    /// Replaces the whole content with `pairs` in one durable (fsynced) batch.
+    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError>;
     fn size_bytes(&self) -> u64;
     /// Bytes of live data.
     fn size_in_use(&self) -> u64;
@@ -114,6 +118,20 @@ impl KvEngine for MemEngine {
                 break;
             }
         }
+        Ok(())
+    }
+
+    fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
+        for (k, v) in self.map.read().iter() {
+            if !f(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
+        *self.map.write() = pairs.into_iter().collect();
         Ok(())
     }
 
@@ -206,6 +224,43 @@ impl KvEngine for RocksEngine {
             it.next();
         }
         it.status()?;
+        Ok(())
+    }
+
+    fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
+        // An iterator reads from the implicit snapshot taken when it is created.
+        let mut it = self.db.raw_iterator();
+        it.seek_to_first();
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !f(k, v) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
+        let mut b = rocksdb::WriteBatch::default();
+        let mut it = self.db.raw_iterator();
+        it.seek_to_first();
+        while it.valid() {
+            if let Some(k) = it.key() {
+                b.delete(k);
+            }
+            it.next();
+        }
+        it.status()?;
+        for (k, v) in pairs {
+            b.put(k, v);
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(b, &wo)?;
         Ok(())
     }
 

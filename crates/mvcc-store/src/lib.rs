@@ -159,37 +159,21 @@ struct State {
     compacted: i64,
 }
 
-struct Shared {
-    engine: Arc<dyn KvEngine>,
-    state: RwLock<State>,
-    applied: AtomicU64,
-    /// Highest compaction whose old revisions are physically gone from the engine.
-    finished: Arc<AtomicI64>,
-    /// Readers hold it shared while turning index revisions into values; physical compaction
-    /// takes it exclusively per batch, so a reader never loses a value mid-read.
-    compaction_guard: Arc<RwLock<()>>,
-    compactor: std::sync::Mutex<std::sync::mpsc::Sender<CompactJob>>,
-}
-
-struct CompactJob {
-    rev: i64,
+/// What the engine holds, read into memory (at open, and after a snapshot was installed).
+struct Loaded {
+    state: State,
+    applied: u64,
+    finished: i64,
+    /// Revisions an unfinished compaction still has to delete.
     dropped: Vec<Rev>,
-    done: tokio::sync::oneshot::Sender<()>,
 }
 
-#[derive(Clone)]
-pub struct MvccStore {
-    shared: Arc<Shared>,
-}
-
-impl MvccStore {
-    /// Opens the store: rebuilds the key index from the engine, reads the applied index and
-    /// compaction state, and resumes an interrupted compaction.
-    pub fn open(engine: Arc<dyn KvEngine>) -> Result<MvccStore, MvccError> {
+impl Loaded {
+    fn read(engine: &dyn KvEngine) -> Result<Loaded, MvccError> {
         let started = std::time::Instant::now();
-        let applied = meta_i64(&*engine, META_APPLIED)?.unwrap_or(0) as u64;
-        let scheduled = meta_i64(&*engine, META_COMPACT_SCHEDULED)?.unwrap_or(NEVER_COMPACTED);
-        let finished = meta_i64(&*engine, META_COMPACT_FINISHED)?.unwrap_or(NEVER_COMPACTED);
+        let applied = meta_i64(engine, META_APPLIED)?.unwrap_or(0) as u64;
+        let scheduled = meta_i64(engine, META_COMPACT_SCHEDULED)?.unwrap_or(NEVER_COMPACTED);
+        let finished = meta_i64(engine, META_COMPACT_FINISHED)?.unwrap_or(NEVER_COMPACTED);
         let mut index = Index::default();
         let mut last = Rev::default();
         let mut failure = None;
@@ -222,34 +206,113 @@ impl MvccStore {
             compacted = scheduled,
             applied,
             took_ms = started.elapsed().as_millis() as u64,
-            "mvcc: store opened"
+            "mvcc: store loaded"
         );
+        Ok(Loaded {
+            state: State {
+                index,
+                current,
+                compacted: scheduled,
+            },
+            applied,
+            finished,
+            dropped,
+        })
+    }
+}
+
+struct Shared {
+    engine: Arc<dyn KvEngine>,
+    state: RwLock<State>,
+    applied: AtomicU64,
+    /// Highest compaction whose old revisions are physically gone from the engine.
+    finished: Arc<AtomicI64>,
+    /// Readers hold it shared while turning index revisions into values; physical compaction
+    /// takes it exclusively per batch, so a reader never loses a value mid-read.
+    compaction_guard: Arc<RwLock<()>>,
+    compactor: std::sync::Mutex<std::sync::mpsc::Sender<CompactJob>>,
+}
+
+struct CompactJob {
+    rev: i64,
+    dropped: Vec<Rev>,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+#[derive(Clone)]
+pub struct MvccStore {
+    shared: Arc<Shared>,
+}
+
+impl MvccStore {
+    /// Opens the store: rebuilds the key index from the engine, reads the applied index and
+    /// compaction state, and resumes an interrupted compaction.
+    pub fn open(engine: Arc<dyn KvEngine>) -> Result<MvccStore, MvccError> {
+        let loaded = Loaded::read(&*engine)?;
         let guard = Arc::new(RwLock::new(()));
-        let finished = Arc::new(AtomicI64::new(finished));
+        let finished = Arc::new(AtomicI64::new(loaded.finished));
         let (tx, rx) = std::sync::mpsc::channel();
         spawn_compactor(&engine, guard.clone(), finished.clone(), rx)?;
+        let applied = loaded.applied;
         let store = MvccStore {
             shared: Arc::new(Shared {
                 engine,
-                state: RwLock::new(State {
-                    index,
-                    current,
-                    compacted: scheduled,
-                }),
+                state: RwLock::new(loaded.state),
                 applied: AtomicU64::new(applied),
-                finished: finished.clone(),
+                finished,
                 compaction_guard: guard,
                 compactor: std::sync::Mutex::new(tx),
             }),
         };
-        if scheduled > finished.load(Ordering::Acquire) {
+        store.resume_compaction(loaded.dropped);
+        Ok(store)
+    }
+
+    fn resume_compaction(&self, dropped: Vec<Rev>) {
+        let scheduled = self.shared.state.read().compacted;
+        if scheduled > self.shared.finished.load(Ordering::Acquire) {
             tracing::info!(
                 revision = scheduled,
                 "mvcc: resuming interrupted compaction"
             );
-            store.schedule_physical(scheduled, dropped);
+            self.schedule_physical(scheduled, dropped);
         }
-        Ok(store)
+    }
+
+    /// Every engine record (key-value history, meta, and what other layers keep beside it),
+    /// from one point in time: the applied index inside is the one the data reflects. This is
+    /// what a member far behind receives instead of the log it missed.
+    pub fn export(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), MvccError> {
+        self.shared.engine.scan_all(f)?;
+        Ok(())
+    }
+
+    /// Replaces the whole store with an `export` of another member, durably, and reloads the
+    /// in-memory index from it. Readers wait meanwhile; the caller must not apply concurrently.
+    pub fn install(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), MvccError> {
+        let dropped = {
+            let _exclusive = self.shared.compaction_guard.write();
+            let mut state = self.shared.state.write();
+            self.shared.engine.replace_all(pairs)?;
+            let loaded = Loaded::read(&*self.shared.engine)?;
+            *state = loaded.state;
+            self.shared.applied.store(loaded.applied, Ordering::Release);
+            self.shared
+                .finished
+                .store(loaded.finished, Ordering::Release);
+            loaded.dropped
+        };
+        self.resume_compaction(dropped);
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable in the engine (its own write-ahead log is not
+    /// synced per write: the raft log is). Returns the applied index now safe to drop the raft
+    /// log up to.
+    pub fn persist(&self) -> Result<u64, MvccError> {
+        let applied = self.applied_index();
+        self.shared.engine.flush()?;
+        Ok(applied)
     }
 
     pub fn current_revision(&self) -> i64 {

@@ -1223,6 +1223,12 @@ impl KvEngine for Gated {
     ) -> Result<(), EngineError> {
         self.inner.scan(start, end, f)
     }
+    fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
+        self.inner.scan_all(f)
+    }
+    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
+        self.inner.replace_all(pairs)
+    }
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
     }
@@ -1378,6 +1384,53 @@ fn readers_see_whole_revisions_under_concurrent_writes() {
     assert!(reads > 0);
 }
 
+/// A member far behind receives another member's export and must then answer exactly as the
+/// source does: same keys, history, revision, compaction point, applied index and hash.
+fn export_then_install_elsewhere(f: &mut dyn Fixture) {
+    let src = f.store();
+    let mut w = W::new(src.clone());
+    for i in 0..20 {
+        w.put(&format!("k{}", i % 7), &format!("v{i}"));
+    }
+    w.del("k3", "");
+    w.compact(10).unwrap().compaction.unwrap().wait_blocking();
+    w.put("after", "compaction");
+    let mut pairs = Vec::new();
+    src.export(&mut |k, v| {
+        pairs.push((k.to_vec(), v.to_vec()));
+        true
+    })
+    .unwrap();
+
+    // The receiver has stale data of its own, which must all go.
+    let mut dst = rocks();
+    let d = dst.store();
+    let mut wd = W::new(d.clone());
+    wd.put("stale", "x");
+    d.install(pairs).unwrap();
+    drop((wd, d));
+    for reopen in [false, true] {
+        let s = if reopen { dst.reopen() } else { dst.store() };
+        assert_eq!(s.applied_index(), src.applied_index());
+        assert_eq!(s.current_revision(), src.current_revision());
+        assert_eq!(s.compact_revision(), src.compact_revision());
+        assert_eq!(s.hash_kv(0).unwrap(), src.hash_kv(0).unwrap());
+        assert!(get(&s, "stale", 0).unwrap().kvs.is_empty());
+        assert_eq!(keys(&get(&s, "after", 0).unwrap()), ["after"]);
+        assert!(matches!(get(&s, "k1", 9), Err(MvccError::Compacted)));
+        assert_eq!(get(&s, "k1", 0).unwrap().kvs[0].value, b"v15");
+    }
+    // Writing goes on from the installed state.
+    let s = dst.store();
+    let mut wd = W::new(s.clone());
+    let r = wd.put("next", "1");
+    assert_eq!(rev_of_put(&r), src.current_revision() + 1);
+}
+
+fn rev_of_put(r: &PutResponse) -> i64 {
+    r.header.as_ref().unwrap().revision
+}
+
 macro_rules! both_engines {
     ($($name:ident),* $(,)?) => {
         mod mem_engine {
@@ -1406,6 +1459,7 @@ both_engines!(
     replay_and_failures_survive_reopen,
     engine_delete_range_and_flush,
     range_limits_and_filters,
+    export_then_install_elsewhere,
 );
 
 #[derive(Debug, Clone)]
