@@ -12,6 +12,7 @@
 
 mod address;
 mod service;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 pub use address::AddressBook;
 pub use service::{MemberSource, RaftPeerService};
+pub use snapshot::{fetch_snapshot, parse_records, put_record, SnapshotSource};
 
 #[derive(thiserror::Error, Debug)]
 pub enum TransportError {
@@ -37,6 +39,8 @@ pub enum TransportError {
     },
     #[error("bad peer url {0}")]
     BadUrl(String),
+    #[error("snapshot transfer: {0}")]
+    Snapshot(String),
 }
 
 /// Messages waiting for one peer. Beyond this, raft's own retries are cheaper than memory.

@@ -4,12 +4,15 @@ use oxcd_proto::oxcdpeerpb::raft_peer_server::RaftPeer;
 use std::sync::Arc;
 
 use oxcd_proto::etcdserverpb::Member;
-use oxcd_proto::oxcdpeerpb::{MembersRequest, MembersResponse, RaftBatch, StreamAck};
+use oxcd_proto::oxcdpeerpb::{
+    MembersRequest, MembersResponse, RaftBatch, SnapshotChunk, SnapshotRequest, StreamAck,
+};
 use raft_node::RaftCommand;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::decode_message;
+use crate::snapshot::{self, SnapshotSource};
 
 /// The member list this member serves to a joining member.
 pub type MemberSource = Arc<dyn Fn() -> Vec<Member> + Send + Sync>;
@@ -19,6 +22,7 @@ pub struct RaftPeerService<R> {
     cluster_id: u64,
     raft: mpsc::Sender<RaftCommand<R>>,
     members: MemberSource,
+    snapshots: Option<Arc<dyn SnapshotSource>>,
 }
 
 impl<R> RaftPeerService<R> {
@@ -33,7 +37,15 @@ impl<R> RaftPeerService<R> {
             cluster_id,
             raft,
             members,
+            snapshots: None,
         }
+    }
+
+    /// Serves whole-state snapshots from `source` to members the leader cannot catch up
+    /// from its log.
+    pub fn with_snapshots(mut self, source: Arc<dyn SnapshotSource>) -> Self {
+        self.snapshots = Some(source);
+        self
     }
 
     fn admit(&self, header: Option<&oxcd_proto::oxcdpeerpb::PeerHeader>) -> Result<u64, Status> {
@@ -56,6 +68,24 @@ impl<R> RaftPeerService<R> {
 
 #[tonic::async_trait]
 impl<R: Send + 'static> RaftPeer for RaftPeerService<R> {
+    type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<SnapshotChunk, Status>>;
+
+    async fn snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let req = req.into_inner();
+        let from = self.admit(req.header.as_ref())?;
+        let source = self
+            .snapshots
+            .clone()
+            .ok_or_else(|| Status::unavailable("this member serves no snapshots"))?;
+        tracing::info!(to = %format!("{from:x}"), min_applied = req.min_applied, "sending snapshot");
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            snapshot::serve(source, req.min_applied),
+        )))
+    }
+
     async fn members(
         &self,
         _: Request<MembersRequest>,
