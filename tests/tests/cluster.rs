@@ -957,3 +957,120 @@ fn etcdctl_lock_excludes_while_the_holders_member_is_killed() {
         );
     }
 }
+
+/// Value of a counter on member `m`'s /metrics (0 when it was never incremented).
+fn counter(m: &oxcd_tests::Server, name: &str) -> f64 {
+    let (_, body) = oxcd_tests::http_get(m.spec().client_port, "/metrics").expect("metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_far_behind_catches_up_through_a_snapshot() {
+    // Small numbers so the leader compacts its log several times while a follower is down.
+    let mut c = TestCluster::start(
+        3,
+        &[
+            "--snapshot-count=200",
+            "--experimental-snapshot-catchup-entries=50",
+        ],
+    );
+    let leader = leader_index(&mut c, Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let eps = c.endpoints();
+    let mut cl = connect(&eps[leader], Duration::from_secs(10))
+        .await
+        .unwrap();
+    cl.put("snap/before", "1", None).await.unwrap();
+    assert_converged(&mut c, "snap/", Duration::from_secs(10)).await;
+
+    c.members[follower].kill9();
+    // A lease with a key, a compaction and a deletion: all of it must arrive in the snapshot.
+    let lease = cl.lease_grant(600, None).await.unwrap().id();
+    cl.put(
+        "snap/leased",
+        "l",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let ep = eps[leader].clone();
+        writers.push(tokio::spawn(async move {
+            let mut cl = connect(&ep, Duration::from_secs(10)).await.unwrap();
+            for i in 0..250 {
+                cl.put(format!("snap/{w}/{:03}", i % 100), format!("{i}"), None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    cl.delete("snap/before", None).await.unwrap();
+    let rev = cl
+        .get("snap/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    cl.compact(rev - 10, None).await.unwrap();
+    let compactions = counter(&c.members[leader], "etcd_debugging_snap_save_total_num");
+    assert!(
+        compactions >= 1.0,
+        "the leader compacted its log ({compactions})"
+    );
+
+    c.restart(follower);
+    let keys = assert_converged(&mut c, "snap/", Duration::from_secs(30)).await;
+    assert_eq!(keys.len(), 4 * 100 + 1, "{keys:?}");
+    let received = counter(
+        &c.members[follower],
+        "etcd_network_snapshot_receive_success",
+    );
+    assert!(received >= 1.0, "the follower caught up through a snapshot");
+
+    // What came with the snapshot works on the follower: the compaction point, the lease
+    // and its key, the member list; and the log goes on after it.
+    let mut fc = connect(&eps[follower], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let old = fc
+        .get(
+            "snap/0/000",
+            Some(
+                GetOptions::new()
+                    .with_revision(rev - 20)
+                    .with_serializable(),
+            ),
+        )
+        .await;
+    assert!(
+        format!("{:?}", old.unwrap_err()).contains("required revision has been compacted"),
+        "the follower has the leader's compaction point"
+    );
+    let leased = fc
+        .get("snap/leased", Some(GetOptions::new().with_serializable()))
+        .await
+        .unwrap();
+    assert_eq!(leased.kvs()[0].lease(), lease);
+    assert_eq!(fc.member_list().await.unwrap().members().len(), 3);
+    fc.put("snap/after", "1", None).await.unwrap();
+    cl.lease_revoke(lease).await.unwrap();
+    let keys = assert_converged(&mut c, "snap/", Duration::from_secs(20)).await;
+    assert!(keys.contains(&"snap/after".to_string()) && !keys.contains(&"snap/leased".into()));
+
+    // The follower restarts from the installed state and its shortened log.
+    c.members[follower].kill9();
+    c.restart(follower);
+    fc = connect(&eps[follower], Duration::from_secs(10))
+        .await
+        .unwrap();
+    fc.put("snap/restarted", "1", None).await.unwrap();
+    assert_converged(&mut c, "snap/", Duration::from_secs(20)).await;
+}

@@ -48,7 +48,7 @@ fn apply(c: &mut Criterion) {
                     }
                 })
                 .collect();
-            tx.blocking_send(Committed { entries }).unwrap();
+            tx.blocking_send(Committed::entries(entries)).unwrap();
             for w in waits {
                 w.blocking_recv().unwrap().unwrap();
             }

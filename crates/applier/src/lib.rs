@@ -25,7 +25,7 @@ use oxcd_proto::etcdserverpb::{
 };
 use oxcd_proto::mvccpb::{event::EventType, Event};
 use prost::Message;
-use raft_node::{Committed, CommittedEntry, EntryKind};
+use raft_node::{Committed, CommittedEntry, EntryKind, InstallSnapshot};
 use tokio::sync::{mpsc, oneshot};
 
 pub use mvcc_store::{CompactionWait, MvccError, MvccStore};
@@ -81,6 +81,24 @@ pub fn decode_request(data: &[u8]) -> Result<InternalRaftRequest, prost::DecodeE
 /// Everything one applied request changed, at one revision, for the watch layer.
 pub use watch::Events;
 
+/// The store as raft-node sees it: how far it applied, and making that durable before raft
+/// drops its log below it.
+pub struct StoreStateMachine(pub MvccStore);
+
+impl raft_node::StateMachine for StoreStateMachine {
+    fn applied(&self) -> u64 {
+        self.0.applied_index()
+    }
+
+    fn persist(&self) -> Result<u64, String> {
+        self.0.persist().map_err(|e| e.to_string())
+    }
+}
+
+/// Fetches another member's whole state for a snapshot install: `(index, from)` → the
+/// records of an `MvccStore::export` by member `from`, reflecting at least `index`.
+pub type SnapshotFetch = Box<dyn FnMut(u64, u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> + Send>;
+
 pub struct Applier {
     store: MvccStore,
     events_tx: Option<mpsc::Sender<Events>>,
@@ -90,6 +108,8 @@ pub struct Applier {
     leases: Option<LeaseHandle>,
     /// None: membership is not tracked (tests of the key-value path).
     membership: Option<Membership>,
+    /// None: snapshots cannot be installed (a single member never needs one).
+    fetch_snapshot: Option<SnapshotFetch>,
 }
 
 impl Applier {
@@ -104,6 +124,7 @@ impl Applier {
             applied_tx,
             leases: None,
             membership: None,
+            fetch_snapshot: None,
         }
     }
 
@@ -119,10 +140,19 @@ impl Applier {
         self
     }
 
+    /// Installs snapshots with state fetched through `fetch`.
+    pub fn with_snapshots(mut self, fetch: SnapshotFetch) -> Self {
+        self.fetch_snapshot = Some(fetch);
+        self
+    }
+
     /// Runs until raft-node closes the committed channel. Blocking: give it its own thread,
     /// so engine writes never stall the async runtime.
     pub fn run(mut self, mut committed: mpsc::Receiver<Committed<Responder>>) {
         while let Some(batch) = committed.blocking_recv() {
+            if let Some(snap) = batch.snapshot {
+                self.install_snapshot(snap);
+            }
             let mut last = None;
             for entry in batch.entries {
                 last = Some(entry.index);
@@ -133,6 +163,63 @@ impl Applier {
             }
         }
         tracing::info!("applier: committed channel closed, stopping");
+    }
+
+    /// Replaces this member's state with the leader's (every entry delivered before is
+    /// applied by now), then rebuilds what other layers keep in memory from it: lease
+    /// records with their keys, and the member list. Retried a few times, since the leader
+    /// may be busy or changing; raft-node stops if it cannot be done at all.
+    fn install_snapshot(&mut self, snap: InstallSnapshot) {
+        let mut outcome = Err("no snapshot source".to_string());
+        for attempt in 0..5 {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(500 * attempt));
+            }
+            outcome = self.try_install(snap.index, snap.from);
+            match &outcome {
+                Ok(_) => break,
+                Err(e) => tracing::warn!(attempt, error = %e, "applier: snapshot install failed"),
+            }
+        }
+        if let Ok(applied) = outcome {
+            self.applied_tx.send_replace(applied);
+        }
+        let _ = snap.done.send(outcome);
+    }
+
+    fn try_install(&mut self, index: u64, from: u64) -> Result<u64, String> {
+        let fetch = self.fetch_snapshot.as_mut().ok_or("no snapshot source")?;
+        let started = Instant::now();
+        let pairs = fetch(index, from)?;
+        let records = pairs.len();
+        self.store.install(pairs).map_err(|e| e.to_string())?;
+        if let Some(leases) = &self.leases {
+            block_on(leases.reload()).map_err(|e| e.to_string())?;
+            let all = self
+                .store
+                .range(&oxcd_proto::etcdserverpb::RangeRequest {
+                    key: vec![0],
+                    range_end: vec![0],
+                    ..Default::default()
+                })
+                .map_err(|e| e.to_string())?;
+            for kv in all.kvs.into_iter().filter(|kv| kv.lease != 0) {
+                let _ = block_on(leases.attach(kv.lease, kv.key));
+            }
+        }
+        if let Some(m) = &self.membership {
+            m.reload().map_err(|e| e.to_string())?;
+        }
+        let applied = self.store.applied_index();
+        tracing::info!(
+            index,
+            applied,
+            records,
+            revision = self.store.current_revision(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "applier: snapshot installed"
+        );
+        Ok(applied)
     }
 
     fn apply_entry(&mut self, entry: CommittedEntry<Responder>) {
@@ -164,6 +251,13 @@ impl Applier {
         data: &[u8],
     ) -> Result<ApplyResponse, ApplyError> {
         use mvcc_store::WriteOp;
+        if index != 0 && index <= self.store.applied_index() {
+            // Already in the state: a replay after a restart, or covered by an installed
+            // snapshot. Applying it again could resurrect what later entries removed.
+            return Ok(ApplyResponse::Empty {
+                revision: self.store.current_revision(),
+            });
+        }
         match kind {
             EntryKind::ConfChange => return self.apply_conf_change(index, data),
             EntryKind::RejectedConfChange => {
@@ -467,6 +561,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         r.committed
             .send(Committed {
+                snapshot: None,
                 entries: vec![
                     entry(1, vec![], None),
                     entry(2, put("a", "1"), None),
@@ -512,6 +607,7 @@ mod tests {
         });
         r.committed
             .send(Committed {
+                snapshot: None,
                 entries: vec![
                     entry(1, compact_future, Some(tx1)),
                     entry(2, vec![0xff, 0xff, 0xff], Some(tx2)),

@@ -43,27 +43,7 @@ impl Membership {
     /// Loads the stored members; a data dir that has none gets `initial` (the bootstrap list
     /// from --initial-cluster).
     pub fn open(engine: Arc<dyn KvEngine>, initial: &[Member]) -> Result<Self, MembershipError> {
-        let mut members = BTreeMap::new();
-        let mut bad = None;
-        engine
-            .scan(
-                &[PREFIX],
-                &[PREFIX + 1],
-                &mut |_, v| match Member::decode(v) {
-                    Ok(m) => {
-                        members.insert(m.id, m);
-                        true
-                    }
-                    Err(e) => {
-                        bad = Some(e.to_string());
-                        false
-                    }
-                },
-            )
-            .map_err(|e| MembershipError::Store(e.to_string()))?;
-        if let Some(reason) = bad {
-            return Err(MembershipError::Store(reason));
-        }
+        let members = load(&*engine)?;
         let m = Membership {
             engine,
             members: Arc::new(RwLock::new(members)),
@@ -75,6 +55,14 @@ impl Membership {
             }
         }
         Ok(m)
+    }
+
+    /// Reads the records again (the engine's content was replaced by a snapshot).
+    pub fn reload(&self) -> Result<(), MembershipError> {
+        let members = load(&*self.engine)?;
+        *self.members.write() = members;
+        self.version.send_modify(|v| *v += 1);
+        Ok(())
     }
 
     pub fn list(&self) -> Vec<Member> {
@@ -119,6 +107,31 @@ impl Membership {
         };
         f(&mut m);
         self.save(m)
+    }
+}
+
+fn load(engine: &dyn KvEngine) -> Result<BTreeMap<u64, Member>, MembershipError> {
+    let mut members = BTreeMap::new();
+    let mut bad = None;
+    engine
+        .scan(
+            &[PREFIX],
+            &[PREFIX + 1],
+            &mut |_, v| match Member::decode(v) {
+                Ok(m) => {
+                    members.insert(m.id, m);
+                    true
+                }
+                Err(e) => {
+                    bad = Some(e.to_string());
+                    false
+                }
+            },
+        )
+        .map_err(|e| MembershipError::Store(e.to_string()))?;
+    match bad {
+        Some(reason) => Err(MembershipError::Store(reason)),
+        None => Ok(members),
     }
 }
 

@@ -80,12 +80,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         &cfg.auto_compaction_mode,
         &cfg.auto_compaction_retention,
     )?;
-    if cfg.snapshot_count != 100_000 {
-        tracing::warn!(
-            snapshot_count = cfg.snapshot_count,
-            "--snapshot-count has no effect yet: oxcd keeps the whole raft log"
-        );
-    }
     let metrics = install_metrics()?;
 
     let cluster = cfg.initial_cluster()?;
@@ -208,15 +202,18 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         tick_interval: Duration::from_millis(cfg.heartbeat_interval.max(1)),
         pre_vote: cfg.pre_vote,
         check_quorum: true,
+        snapshot_count: cfg.snapshot_count,
+        snapshot_catchup_entries: cfg.experimental_snapshot_catchup_entries,
         ..RaftConfig::default()
     };
-    let raft = RaftNode::start_with_transport(
+    let raft = RaftNode::start_full(
         raft_cfg,
         &dd.wal_dir(),
         applied,
         raft_rx,
         committed_tx,
         Box::new(transport),
+        Arc::new(applier::StoreStateMachine(store.clone())),
     )?;
 
     // Bounded: a hub that falls behind slows applying rather than growing memory.
@@ -227,7 +224,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     };
     let applier = Applier::new(store.clone(), Some(events_tx), applied_tx)
         .with_leases(leases.clone())
-        .with_membership(membership.clone());
+        .with_membership(membership.clone())
+        .with_snapshots(snapshot_fetch(&identity, book.clone(), rt.handle().clone()));
     let applier_thread = std::thread::Builder::new()
         .name("applier".into())
         .spawn(move || applier.run(committed_rx))?;
@@ -331,12 +329,15 @@ async fn serve(
     }
     let listed = membership.clone();
     let peer_app = tonic::service::Routes::new(
-        RaftPeerServer::new(RaftPeerService::new(
-            identity.member_id,
-            identity.cluster_id,
-            raft_tx,
-            Arc::new(move || listed.list()),
-        ))
+        RaftPeerServer::new(
+            RaftPeerService::new(
+                identity.member_id,
+                identity.cluster_id,
+                raft_tx,
+                Arc::new(move || listed.list()),
+            )
+            .with_snapshots(Arc::new(StoreSnapshots(store.clone()))),
+        )
         .max_decoding_message_size(usize::MAX),
     )
     .into_axum_router()
@@ -522,6 +523,38 @@ async fn listen(
             tracing::error!(%addr, error = %e, "server error");
         }
     }))
+}
+
+/// A member behind the leader's compacted log fetches the leader's state over the peer
+/// transport (from the applier's thread, which waits for it).
+fn snapshot_fetch(
+    identity: &Identity,
+    book: AddressBook,
+    rt: tokio::runtime::Handle,
+) -> applier::SnapshotFetch {
+    let (me, cluster_id) = (identity.member_id, identity.cluster_id);
+    Box::new(move |index, from| {
+        let header = oxcd_proto::oxcdpeerpb::PeerHeader {
+            cluster_id,
+            from: me,
+            to: from,
+        };
+        rt.block_on(peer_transport::fetch_snapshot(&book, header, index))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// What this member serves to members that need a snapshot.
+struct StoreSnapshots(MvccStore);
+
+impl peer_transport::SnapshotSource for StoreSnapshots {
+    fn applied(&self) -> u64 {
+        self.0.applied_index()
+    }
+
+    fn export(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), String> {
+        self.0.export(f).map_err(|e| e.to_string())
+    }
 }
 
 /// Lease records from the engine, with every live key that names a lease attached to it.

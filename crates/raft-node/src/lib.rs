@@ -37,6 +37,11 @@ pub struct RaftConfig {
     pub max_size_per_msg: u64,
     pub pre_vote: bool,
     pub check_quorum: bool,
+    /// Applied entries after which the log is compacted (etcd's --snapshot-count).
+    pub snapshot_count: u64,
+    /// Entries kept below the compaction point, so a slightly slow follower still catches up
+    /// from the log rather than through a snapshot.
+    pub snapshot_catchup_entries: u64,
 }
 
 impl Default for RaftConfig {
@@ -52,6 +57,8 @@ impl Default for RaftConfig {
             max_size_per_msg: 1024 * 1024,
             pre_vote: true,
             check_quorum: true,
+            snapshot_count: 100_000,
+            snapshot_catchup_entries: 5_000,
         }
     }
 }
@@ -113,7 +120,52 @@ pub struct CommittedEntry<R> {
 
 /// Committed entries in log order, sent on the applier channel.
 pub struct Committed<R> {
+    /// Before the entries: the leader's state replaces this member's (its log was too far
+    /// behind the leader's compacted log).
+    pub snapshot: Option<InstallSnapshot>,
     pub entries: Vec<CommittedEntry<R>>,
+}
+
+impl<R> Committed<R> {
+    pub fn entries(entries: Vec<CommittedEntry<R>>) -> Self {
+        Committed {
+            snapshot: None,
+            entries,
+        }
+    }
+}
+
+/// Raft restored a snapshot at `index`: the applier must fetch member `from`'s state (at
+/// least that new) and install it before applying anything else, then answer `done` with
+/// the applied index it now has. Raft-node waits for the answer before it records the
+/// snapshot in its log, so a crash in between leaves the old log intact.
+pub struct InstallSnapshot {
+    pub index: u64,
+    pub term: u64,
+    pub from: u64,
+    pub done: std::sync::mpsc::Sender<Result<u64, String>>,
+}
+
+/// What raft-node asks of the state machine directly (everything else goes through the
+/// committed channel).
+pub trait StateMachine: Send + Sync + 'static {
+    /// The last applied index (what a snapshot served now reflects at least).
+    fn applied(&self) -> u64;
+    /// Makes everything applied durable; returns the applied index the log may now be
+    /// compacted up to.
+    fn persist(&self) -> Result<u64, String>;
+}
+
+/// A state machine that never lets the log be compacted (tests of the log itself).
+pub struct KeepWholeLog;
+
+impl StateMachine for KeepWholeLog {
+    fn applied(&self) -> u64 {
+        0
+    }
+    fn persist(&self) -> Result<u64, String> {
+        Err("the whole log is kept".into())
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -143,6 +195,8 @@ pub enum RaftError {
     Raft(#[from] raft::Error),
     #[error("raft: invalid persisted state: {0}")]
     BadState(String),
+    #[error("raft: snapshot not installed: {0}")]
+    Snapshot(String),
 }
 
 /// Delivers raft messages to peers. Single-member clusters send nothing; replication plugs
@@ -231,6 +285,11 @@ pub struct RaftNode<R> {
     read_patience: u64,
     leader_seen: u64,
     stats: Arc<RaftStats>,
+    state_machine: Arc<dyn StateMachine>,
+    snapshot_count: u64,
+    catchup_entries: u64,
+    /// Applied index of the last compaction attempt that could not compact.
+    compact_checked: u64,
 }
 
 fn slog_logger() -> slog::Logger {
@@ -267,7 +326,28 @@ impl<R: Send + 'static> RaftNode<R> {
         committed_tx: mpsc::Sender<Committed<R>>,
         transport: Box<dyn Transport>,
     ) -> Result<RaftHandle, RaftError> {
-        let storage = WalStorage::open(wal_dir, &cfg.voters, &cfg.learners)?;
+        Self::start_full(
+            cfg,
+            wal_dir,
+            applied,
+            commands,
+            committed_tx,
+            transport,
+            Arc::new(KeepWholeLog),
+        )
+    }
+
+    /// As `start_with_transport`, with log compaction and snapshots through `state_machine`.
+    pub fn start_full(
+        cfg: RaftConfig,
+        wal_dir: &Path,
+        applied: u64,
+        commands: mpsc::Receiver<RaftCommand<R>>,
+        committed_tx: mpsc::Sender<Committed<R>>,
+        transport: Box<dyn Transport>,
+        state_machine: Arc<dyn StateMachine>,
+    ) -> Result<RaftHandle, RaftError> {
+        let storage = WalStorage::open(wal_dir, &cfg.voters, &cfg.learners, state_machine.clone())?;
         let applied = storage.clamp_applied(applied)?;
         let raft_cfg = raft::Config {
             id: cfg.id,
@@ -304,6 +384,10 @@ impl<R: Send + 'static> RaftNode<R> {
             read_patience: cfg.election_tick as u64,
             leader_seen: 0,
             stats: stats.clone(),
+            state_machine,
+            snapshot_count: cfg.snapshot_count.max(1),
+            catchup_entries: cfg.snapshot_catchup_entries,
+            compact_checked: 0,
         };
         let tick = cfg.tick_interval;
         let stop = Arc::new(Notify::new());
@@ -542,9 +626,7 @@ impl<R: Send + 'static> RaftNode<R> {
             self.transport.send(ready.take_messages());
         }
         if !ready.snapshot().is_empty() {
-            self.raw
-                .mut_store()
-                .apply_snapshot(ready.snapshot().clone())?;
+            self.install_snapshot(ready.snapshot().clone())?;
         }
         self.answer_reads(ready.take_read_states());
         // raft-rs hands out only entries whose persistence finished, so applying first is safe.
@@ -574,6 +656,77 @@ impl<R: Send + 'static> RaftNode<R> {
         self.deliver(light.take_committed_entries());
         self.raw.advance_apply();
         self.observe_leadership();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    /// The state machine takes the leader's state first (through the applier, after every
+    /// entry delivered before), then the log records the snapshot.
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), RaftError> {
+        let md = snap.get_metadata();
+        let (done, answer) = std::sync::mpsc::channel();
+        let request = InstallSnapshot {
+            index: md.index,
+            term: md.term,
+            from: self.raw.raft.leader_id,
+            done,
+        };
+        tracing::info!(
+            index = md.index,
+            term = md.term,
+            from = %format!("{:x}", request.from),
+            "raft: installing a snapshot from the leader"
+        );
+        self.committed_tx
+            .blocking_send(Committed {
+                snapshot: Some(request),
+                entries: Vec::new(),
+            })
+            .map_err(|_| RaftError::Stopped)?;
+        let applied = answer
+            .recv()
+            .map_err(|_| RaftError::Snapshot("the applier is gone".into()))?
+            .map_err(RaftError::Snapshot)?;
+        if applied < md.index {
+            return Err(RaftError::Snapshot(format!(
+                "installed state reflects index {applied}, the snapshot is at {}",
+                md.index
+            )));
+        }
+        self.raw.mut_store().apply_snapshot(snap)?;
+        Ok(())
+    }
+
+    /// Every `snapshot_count` applied entries: make the state machine durable and drop the
+    /// log below it, keeping `catchup_entries` for followers slightly behind.
+    fn maybe_compact(&mut self) -> Result<(), RaftError> {
+        let applied = self.raw.raft.raft_log.applied;
+        let compacted = self.raw.store().compacted_index();
+        if applied.saturating_sub(compacted.max(self.compact_checked)) <= self.snapshot_count {
+            return Ok(());
+        }
+        let durable = match self.state_machine.persist() {
+            Ok(d) => d.min(applied),
+            Err(e) => {
+                tracing::debug!(error = %e, "raft: log not compacted");
+                // Try again after another snapshot_count entries, not on every Ready.
+                self.compact_checked = applied;
+                return Ok(());
+            }
+        };
+        self.compact_checked = applied;
+        let to = durable.saturating_sub(self.catchup_entries);
+        if to > compacted {
+            let started = Instant::now();
+            self.raw.mut_store().compact_to(to)?;
+            metrics::counter!("etcd_debugging_snap_save_total_num").increment(1);
+            tracing::info!(
+                compacted_to = to,
+                applied,
+                took_ms = started.elapsed().as_millis() as u64,
+                "raft: log compacted"
+            );
+        }
         Ok(())
     }
 
@@ -619,7 +772,7 @@ impl<R: Send + 'static> RaftNode<R> {
             .set(self.raw.raft.raft_log.committed as f64);
         if self
             .committed_tx
-            .blocking_send(Committed { entries: out })
+            .blocking_send(Committed::entries(out))
             .is_err()
         {
             tracing::warn!("raft: applier is gone; committed entries not delivered");

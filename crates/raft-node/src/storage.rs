@@ -9,7 +9,9 @@ use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage};
 use wal::{Wal, WalEntry, WalOptions};
 
-use crate::{snapshot_from_marker, RaftError};
+use std::sync::Arc;
+
+use crate::{snapshot_from_marker, RaftError, StateMachine};
 
 pub struct WalStorage {
     mem: MemStorage,
@@ -17,6 +19,9 @@ pub struct WalStorage {
     /// Index of the snapshot the log starts after (kept with conf-state updates).
     snapshot_index: u64,
     snapshot_term: u64,
+    /// Where a snapshot for a lagging follower comes from: the state it is served from is
+    /// read by the follower separately, so raft's snapshot carries only the position.
+    state_machine: Arc<dyn StateMachine>,
 }
 
 pub fn decode_conf_state(bytes: &[u8]) -> Result<ConfState, RaftError> {
@@ -63,7 +68,12 @@ fn from_wal(w: WalEntry) -> Entry {
 
 impl WalStorage {
     /// Loads the wal; a fresh one is bootstrapped with the given membership.
-    pub fn open(dir: &Path, voters: &[u64], learners: &[u64]) -> Result<WalStorage, RaftError> {
+    pub fn open(
+        dir: &Path,
+        voters: &[u64],
+        learners: &[u64],
+        state_machine: Arc<dyn StateMachine>,
+    ) -> Result<WalStorage, RaftError> {
         let (mut wal, rec) = Wal::open(dir, WalOptions::default())?;
         let mem = MemStorage::new();
         let (snapshot_index, snapshot_term) = match &rec.snapshot {
@@ -108,6 +118,7 @@ impl WalStorage {
             wal,
             snapshot_index,
             snapshot_term,
+            state_machine,
         })
     }
 
@@ -180,6 +191,33 @@ impl WalStorage {
         Ok(())
     }
 
+    /// The log holds nothing at or below this index.
+    pub fn compacted_index(&self) -> u64 {
+        self.snapshot_index
+    }
+
+    /// Drops the log up to and including `index` (the state machine has made it durable):
+    /// the wal records the new start, then releases the segments wholly below it.
+    pub fn compact_to(&mut self, index: u64) -> Result<(), RaftError> {
+        // Keep at least the last entry: raft's in-memory log cannot be empty after a compaction.
+        let index = index.min(self.mem.last_index()?.saturating_sub(1));
+        if index <= self.snapshot_index {
+            return Ok(());
+        }
+        let term = self.mem.term(index)?;
+        let cs = self.conf_state();
+        self.wal.save_snapshot(&wal::SnapshotMarker {
+            index,
+            term,
+            conf_state: encode_conf_state(&cs),
+        })?;
+        self.mem.wl().compact(index + 1)?;
+        self.snapshot_index = index;
+        self.snapshot_term = term;
+        self.wal.release_to(index)?;
+        Ok(())
+    }
+
     /// Records a membership change so a restart rebuilds the same configuration.
     pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), RaftError> {
         self.wal.save_snapshot(&wal::SnapshotMarker {
@@ -208,6 +246,11 @@ impl Storage for WalStorage {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
+        // The compaction point's term stays known: raft checks it when it sends the entries
+        // right after it.
+        if idx == self.snapshot_index && idx > 0 {
+            return Ok(self.snapshot_term);
+        }
         self.mem.term(idx)
     }
 
@@ -219,7 +262,22 @@ impl Storage for WalStorage {
         self.mem.last_index()
     }
 
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        self.mem.snapshot(request_index, to)
+    /// A follower needs entries the log no longer has: it gets the position of the state the
+    /// state machine reflects now (the follower fetches that state itself), which is at or
+    /// after the compaction point and never beyond what was committed.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let unavailable = || raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
+        let commit = self.mem.rl().hard_state().commit;
+        let index = self.state_machine.applied().min(commit);
+        if index < self.snapshot_index.max(1) || index < request_index {
+            return Err(unavailable());
+        }
+        let term = self.term(index).map_err(|_| unavailable())?;
+        let mut snap = Snapshot::default();
+        let md = snap.mut_metadata();
+        md.index = index;
+        md.term = term;
+        md.set_conf_state(self.conf_state());
+        Ok(snap)
     }
 }

@@ -389,7 +389,7 @@ async fn a_conf_change_is_applied_persisted_and_delivered() {
     );
 
     // The new membership is on disk: reopening, even with another initial membership, keeps it.
-    let storage = WalStorage::open(dir.path(), &[1, 7], &[]).unwrap();
+    let storage = WalStorage::open(dir.path(), &[1, 7], &[], Arc::new(KeepWholeLog)).unwrap();
     let cs = storage.conf_state();
     assert_eq!((cs.voters, cs.learners), (vec![1], vec![2]));
     drop(storage);
