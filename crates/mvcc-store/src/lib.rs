@@ -10,6 +10,7 @@
 pub mod engine;
 mod index;
 mod range;
+pub mod snapshot_file;
 mod write;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -90,6 +91,9 @@ pub struct Applied {
 // order); values are a tombstone flag byte followed by the encoded KeyValue. Meta keys 'm/...'.
 const REV_PREFIX: u8 = b'k';
 const META_APPLIED: &[u8] = b"m/applied";
+/// The engine record holding the raft index the store's content reflects (`export` includes
+/// it). A snapshot restored onto a new raft log leaves it out: that store starts at index 0.
+pub const APPLIED_INDEX_KEY: &[u8] = META_APPLIED;
 const META_COMPACT_SCHEDULED: &[u8] = b"m/compact_scheduled";
 const META_COMPACT_FINISHED: &[u8] = b"m/compact_finished";
 const FLAG_PUT: u8 = 0;
