@@ -251,8 +251,15 @@ fn spawn_member_watcher(
     })
 }
 
+/// Small enough that the leader compacts its log during the test, so a killed member that
+/// restarts may come back through a snapshot rather than the log.
+const FREQUENT_SNAPSHOTS: &[&str] = &[
+    "--snapshot-count=300",
+    "--experimental-snapshot-catchup-entries=100",
+];
+
 async fn leader_kill_while_writing(n: usize) {
-    let mut c = TestCluster::start(n, &[]);
+    let mut c = TestCluster::start(n, FREQUENT_SNAPSHOTS);
     let eps = c.endpoints();
     let until = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let watchers: Vec<_> = eps
@@ -370,7 +377,7 @@ async fn five_members_lose_no_acknowledged_write_when_the_leader_is_killed() {
 /// restarts members, the leader among them; the recorded history must be linearizable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_under_member_kills_is_linearizable() {
-    let mut c = TestCluster::start(3, &[]);
+    let mut c = TestCluster::start(3, FREQUENT_SNAPSHOTS);
     let eps = c.endpoints();
     let rec = Recorder::new();
     let stop = Arc::new(AtomicBool::new(false));

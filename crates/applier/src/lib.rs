@@ -183,6 +183,9 @@ impl Applier {
         }
         if let Ok(applied) = outcome {
             self.applied_tx.send_replace(applied);
+            if let Some(tx) = &self.events_tx {
+                let _ = tx.blocking_send(Events::jumped_to(self.store.current_revision()));
+            }
         }
         let _ = snap.done.send(outcome);
     }

@@ -764,6 +764,13 @@ impl Hub {
             // Already in History when the hub started; watchers read it from there.
             return;
         }
+        if ev.events.is_empty() {
+            // A jump (snapshot installed): everything up to it comes from History.
+            self.publish_gap(ev.revision + 1);
+            self.rev = ev.revision;
+            self.shared.revision.store(ev.revision, Ordering::Release);
+            return;
+        }
         if ev.revision > self.rev + 1 {
             self.publish_gap(ev.revision);
         }
@@ -823,8 +830,8 @@ impl Hub {
     }
 
     /// Revisions between the hub's and `next` were never published: synced watchers that
-    /// wanted them catch up from History instead (defensive; the applier publishes every
-    /// revision).
+    /// wanted them catch up from History instead (after a snapshot install; otherwise the
+    /// applier publishes every revision).
     fn publish_gap(&mut self, next: i64) {
         tracing::warn!(
             from = self.rev + 1,

@@ -57,8 +57,20 @@ pub trait History: Send + Sync + 'static {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Events {
     pub revision: i64,
-    /// Every change of the revision, in the order applied, `prev_kv` filled.
+    /// Every change of the revision, in the order applied, `prev_kv` filled. Empty: see
+    /// [`Events::jumped_to`].
     pub events: Vec<Event>,
+}
+
+impl Events {
+    /// The store jumped to `revision` without its changes being published one by one (it
+    /// installed another member's snapshot): watchers re-read what they miss from History.
+    pub fn jumped_to(revision: i64) -> Events {
+        Events {
+            revision,
+            events: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -640,3 +640,25 @@ async fn watch_from_now_starts_after_the_store_not_after_the_hub() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_jump_announced_without_events_is_read_from_history() {
+    let rig = Rig::new(WatchConfig::default());
+    let (ws, mut rx) = rig.stream(16);
+    let id = ws.watch(spec(b"k", b"")).await.unwrap();
+    created(&mut rx).await;
+    rig.put(b"k", b"1").await;
+    // A snapshot install: revisions 2 and 3 land in the history at once, and nothing is
+    // written after them, so only the announcement tells the hub.
+    rig.history.put(b"k", b"2");
+    rig.history.put(b"k", b"3");
+    rig.publish.send(watch::Events::jumped_to(3)).await.unwrap();
+    let evs = collect_events(&mut rx, id, 3).await;
+    let revs: Vec<i64> = evs
+        .iter()
+        .map(|e| e.kv.as_ref().unwrap().mod_revision)
+        .collect();
+    assert_eq!(revs, vec![1, 2, 3]);
+    rig.settle().await;
+    assert_eq!(rig.hub.revision(), 3);
+}
