@@ -12,7 +12,9 @@ use clap::{ArgAction, Parser};
 #[command(
     name = "oxcd",
     about = "oxcd: a distributed, reliable key-value store speaking etcd's v3 API",
-    disable_version_flag = true
+    disable_version_flag = true,
+    // Go's flag package, which etcd uses, lets a repeated flag's last value win.
+    args_override_self = true
 )]
 pub struct Config {
     /// Human-readable name for this member.
@@ -373,6 +375,8 @@ mod tests {
     #[test]
     fn unknown_flag_is_an_error_and_known_inactive_ones_are_accepted() {
         assert!(parse(&["--no-such-flag=1"]).is_err());
+        let c = parse(&["--log-level=warn", "--log-level", "debug"]).unwrap();
+        assert_eq!(c.log_level, "debug", "the last of a repeated flag wins, as in etcd");
         let c = parse(&["--snapshot-count=5", "--enable-v2", "--max-wals", "3"]).unwrap();
         assert_eq!(c.snapshot_count, 5);
         assert_eq!(
