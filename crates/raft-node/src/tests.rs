@@ -670,3 +670,75 @@ async fn entries_reach_the_applier_only_after_the_wal_holds_them() {
     handle.join();
     assert!(applier.join().unwrap() > 200);
 }
+
+/// A state machine whose applied index is whatever the test's applier reached.
+struct Counted(std::sync::Arc<AtomicU64>);
+
+impl StateMachine for Counted {
+    fn applied(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+    fn persist(&self) -> Result<u64, String> {
+        Ok(self.applied())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_compacted_every_snapshot_count_entries_and_restarts_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let applied = std::sync::Arc::new(AtomicU64::new(0));
+    let cfg = RaftConfig {
+        snapshot_count: 50,
+        snapshot_catchup_entries: 10,
+        ..RaftConfig::default()
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let (ctx, mut crx) = mpsc::channel::<Committed<Reply>>(64);
+    let handle = RaftNode::start_full(
+        cfg.clone(),
+        dir.path(),
+        0,
+        rx,
+        ctx,
+        Box::new(NoPeers),
+        std::sync::Arc::new(Counted(applied.clone())),
+    )
+    .unwrap();
+    let seen = applied.clone();
+    let applier = std::thread::spawn(move || {
+        while let Some(batch) = crx.blocking_recv() {
+            for e in batch.entries {
+                seen.store(e.index, Ordering::Release);
+                if let Some(r) = e.reply {
+                    let _ = r.send(e.index);
+                }
+            }
+        }
+    });
+    let mut last = 0;
+    for i in 0..200u32 {
+        last = propose(&tx, &i.to_le_bytes()).await;
+    }
+    drop(tx);
+    handle.join();
+    applier.join().unwrap();
+
+    // The wal now starts after a compaction point that keeps the catch-up entries.
+    let (_, rec) = wal::Wal::open(dir.path(), wal::WalOptions::default()).unwrap();
+    let marker = rec.snapshot.expect("a snapshot marker").index;
+    assert!(
+        marker > 0 && marker + 10 <= last,
+        "compacted to {marker}, last entry {last}"
+    );
+    assert_eq!(rec.entries.first().map(|e| e.index), Some(marker + 1));
+
+    // A restart from the state machine's applied index goes on after it.
+    let node = spawn(cfg, dir.path(), last, vec![], Box::new(NoPeers));
+    let next = propose(&node.tx, b"after restart").await;
+    assert_eq!(
+        next,
+        last + 2,
+        "the new leader's empty entry, then this one"
+    );
+    node.stop();
+}
