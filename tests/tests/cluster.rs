@@ -698,7 +698,7 @@ async fn a_partitioned_minority_takes_no_writes_and_serves_no_linearizable_reads
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_promoted_and_removed_while_clients_write() {
     use etcd_client::MemberAddOptions;
-    let mut c = TestCluster::start(3, &[]);
+    let mut c = TestCluster::start(3, FREQUENT_SNAPSHOTS);
     let eps = c.endpoints();
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
