@@ -31,6 +31,9 @@ pub const HASH_LEN: usize = 32;
 /// Stands where the next record's key length would; no key is that long.
 const END_OF_RECORDS: u32 = u32::MAX;
 
+/// One engine record: key, value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotFileError {
     #[error("{0}")]
@@ -169,7 +172,7 @@ impl<R: Read> Reader<R> {
     }
 
     /// The next `(key, value)`, or `None` after the last one (the padding is checked then).
-    pub fn next_record(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, SnapshotFileError> {
+    pub fn next_record(&mut self) -> Result<Option<Record>, SnapshotFileError> {
         if self.done {
             return Ok(None);
         }
@@ -268,7 +271,7 @@ pub fn open(
 mod tests {
     use super::*;
 
-    fn records() -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn records() -> Vec<Record> {
         vec![
             (b"k\x00\x01".to_vec(), b"value one".to_vec()),
             (b"l\x00".to_vec(), Vec::new()),
@@ -278,7 +281,7 @@ mod tests {
     }
 
     /// A whole snapshot file as etcdctl would store it: body, then the digest.
-    fn file_bytes(recs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    fn file_bytes(recs: &[Record]) -> Vec<u8> {
         let mut w = Writer::new(Vec::new()).unwrap();
         for (k, v) in recs {
             w.record(k, v).unwrap();
@@ -297,7 +300,7 @@ mod tests {
         (d, p)
     }
 
-    fn read_all<R: Read>(mut r: Reader<R>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SnapshotFileError> {
+    fn read_all<R: Read>(mut r: Reader<R>) -> Result<Vec<Record>, SnapshotFileError> {
         let mut out = Vec::new();
         while let Some(rec) = r.next_record()? {
             out.push(rec);
