@@ -1,6 +1,7 @@
 //! oxcd: a distributed, strongly consistent key-value store speaking etcd's v3 API.
 //!
-//! `oxcd [etcd flags]` runs a member; `oxcd dump-logs DATA_DIR` prints its replicated log.
+//! `oxcd [etcd flags]` runs a member; `oxcd dump-logs DATA_DIR` prints its replicated log;
+//! `oxcd snapshot restore FILE [flags]` makes a new data dir from a snapshot.
 
 mod auto_compaction;
 mod config;
@@ -10,12 +11,17 @@ mod h2_authority;
 mod http;
 mod ids;
 mod server;
+mod snapshot_restore;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(std::ffi::OsStr::new("dump-logs")) {
+    let first = args.next();
+    if first.as_deref() == Some(std::ffi::OsStr::new("snapshot")) {
+        return snapshot_restore::main(args);
+    }
+    if first.as_deref() == Some(std::ffi::OsStr::new("dump-logs")) {
         let Some(dir) = args.next() else {
             eprintln!("usage: oxcd dump-logs DATA_DIR");
             return ExitCode::from(2);
