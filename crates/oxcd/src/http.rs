@@ -36,10 +36,9 @@ pub fn router(state: HttpState) -> Router {
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
+    let mut body = s.metrics.render();
+    crate::process_metrics::render(&mut body);
+    ([("content-type", "text/plain; version=0.0.4")], body)
 }
 
 async fn version() -> impl IntoResponse {

@@ -7,9 +7,11 @@ mod auto_compaction;
 mod config;
 mod datadir;
 mod dump_logs;
+mod grpc_metrics;
 mod h2_authority;
 mod http;
 mod ids;
+mod process_metrics;
 mod server;
 mod snapshot_restore;
 

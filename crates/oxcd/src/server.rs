@@ -315,6 +315,7 @@ async fn serve(
     };
     let client_app = grpc
         .into_axum_router()
+        .layer(crate::grpc_metrics::GrpcMetricsLayer::new())
         .merge(http::router(state.clone()))
         .fallback(http::fallback);
     let metrics_app = http::router(state).fallback(http::fallback);
