@@ -29,17 +29,8 @@ const NOT_YET_SERVED: &[&str] = &[
     // Raft proposals: pending and failed next to the committed and applied counters.
     "etcd_server_proposals_pending",
     "etcd_server_proposals_failed_total",
-    // Backend commit latency (histogram) and the size quota.
-    "etcd_disk_backend_commit_duration_seconds_bucket",
+    // The size quota.
     "etcd_server_quota_backend_bytes",
-    // gRPC server metrics, as grpc-prometheus names them.
-    "grpc_server_handled_total",
-    // Client traffic.
-    "etcd_network_client_grpc_received_bytes_total",
-    "etcd_network_client_grpc_sent_bytes_total",
-    // Process metrics.
-    "process_resident_memory_bytes",
-    "process_cpu_seconds_total",
 ];
 
 /// Prefixes that mark a word in a deploy file as a metric name the server must serve. Other
