@@ -8,11 +8,16 @@
 //! Lease grants, revokes and checkpoints go to the lease task (`lease::LeaseHandle`), and
 //! keys written with a lease are attached to it there; a revoke deletes the lease's keys in
 //! one revision, as etcd does. Membership entries (raft configuration changes and member
-//! attributes) update the `Membership` records.
+//! attributes) update the `Membership` records. Alarm entries update the `Alarms`; while one is
+//! set, writes it forbids are refused on every member (etcd's capped and corrupt appliers).
 
+mod alarms;
 mod lease_store;
 mod membership;
 
+pub use alarms::{
+    alarm_text, request_cost, AlarmError, Alarms, Quota, DEFAULT_QUOTA_BYTES, MAX_QUOTA_BYTES,
+};
 pub use lease_store::EngineLeaseStore;
 pub use membership::{Membership, MembershipError};
 
@@ -20,7 +25,8 @@ use std::time::Instant;
 
 use lease::{LeaseError, LeaseHandle};
 use oxcd_proto::etcdserverpb::{
-    request_op, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, InternalRaftRequest,
+    alarm_request::AlarmAction, request_op, AlarmRequest, AlarmResponse, AlarmType,
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, InternalRaftRequest,
     LeaseGrantResponse, LeaseRevokeResponse, PutResponse, RequestOp, TxnRequest, TxnResponse,
 };
 use oxcd_proto::mvccpb::{event::EventType, Event};
@@ -46,6 +52,8 @@ pub enum ApplyResponse {
     },
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
+    /// The alarms raised or cleared (GET: every matching alarm).
+    Alarm(AlarmResponse),
     /// Entries with no client-visible result (raft's empty entries, membership changes).
     Empty {
         revision: i64,
@@ -66,6 +74,14 @@ pub enum ApplyError {
     Membership(#[from] MembershipError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Alarm(#[from] AlarmError),
+    /// The backend is over its quota, or a NOSPACE alarm is set.
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// A CORRUPT alarm is set.
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
 }
 
 /// Requests that go through raft, as the api-gateway builds them.
@@ -110,6 +126,8 @@ pub struct Applier {
     membership: Option<Membership>,
     /// None: snapshots cannot be installed (a single member never needs one).
     fetch_snapshot: Option<SnapshotFetch>,
+    /// None: alarm entries change nothing and no write is ever refused for space.
+    alarms: Option<(Alarms, Quota)>,
 }
 
 impl Applier {
@@ -125,6 +143,7 @@ impl Applier {
             leases: None,
             membership: None,
             fetch_snapshot: None,
+            alarms: None,
         }
     }
 
@@ -137,6 +156,13 @@ impl Applier {
     /// Applies membership entries to `membership`.
     pub fn with_membership(mut self, membership: Membership) -> Self {
         self.membership = Some(membership);
+        self
+    }
+
+    /// Applies alarm entries to `alarms`, refuses writes while an alarm forbids them, and
+    /// reports writes that found the backend over `quota` (etcd's quota applier).
+    pub fn with_alarms(mut self, alarms: Alarms, quota: Quota) -> Self {
+        self.alarms = Some((alarms, quota));
         self
     }
 
@@ -213,6 +239,9 @@ impl Applier {
         if let Some(m) = &self.membership {
             m.reload().map_err(|e| e.to_string())?;
         }
+        if let Some((a, _)) = &self.alarms {
+            a.reload().map_err(|e| e.to_string())?;
+        }
         let applied = self.store.applied_index();
         tracing::info!(
             index,
@@ -279,6 +308,45 @@ impl Applier {
             index,
             reason: e.to_string(),
         })?;
+        let Some((alarms, quota)) = self.alarms.clone() else {
+            return self.apply_request(index, &req);
+        };
+        // etcd's corrupt and capped appliers: the entry is consumed, nothing changes.
+        let refused = if alarms.active(AlarmType::Corrupt) && writes(&req) {
+            Some(ApplyError::Corrupt)
+        } else if alarms.active(AlarmType::Nospace) && request_cost(&req) > 0 {
+            Some(ApplyError::NoSpace)
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            self.store.apply(index, WriteOp::Noop, &|_| false)?;
+            return Err(e);
+        }
+        // etcd's quota applier: a write that finds the backend over the quota is applied all
+        // the same (every member must apply the same log), but its proposer is told NOSPACE
+        // and this member raises its alarm.
+        let cost = request_cost(&req);
+        let over =
+            cost > 0 && quota.limit().is_some() && !quota.available(self.store.db_size(), cost);
+        let outcome = self.apply_request(index, &req);
+        if over && outcome.is_ok() {
+            tracing::warn!(
+                quota_size_bytes = quota.gauge(),
+                "message exceeded backend quota; raising alarm"
+            );
+            alarms.report_exceeded();
+            return Err(ApplyError::NoSpace);
+        }
+        outcome
+    }
+
+    fn apply_request(
+        &mut self,
+        index: u64,
+        req: &InternalRaftRequest,
+    ) -> Result<ApplyResponse, ApplyError> {
+        use mvcc_store::WriteOp;
         let leases = self.leases.clone();
         let lease_exists = |id: i64| match &leases {
             Some(l) => matches!(block_on(l.lookup(id)), Ok(Some(_))),
@@ -289,6 +357,9 @@ impl Applier {
         }
         if let Some(revoke) = req.lease_revoke.as_ref() {
             return self.apply_revoke(index, revoke.id);
+        }
+        if let Some(alarm) = req.alarm.as_ref() {
+            return self.apply_alarm(index, alarm);
         }
         if let Some(cp) = req.lease_checkpoint.as_ref() {
             if let Some(l) = &self.leases {
@@ -385,6 +456,41 @@ impl Applier {
         Ok(ApplyResponse::Empty {
             revision: applied.revision,
         })
+    }
+
+    /// etcd's alarm apply: GET lists, ACTIVATE and DEACTIVATE answer with the alarm they
+    /// changed (nothing when there was nothing to change). The records are written before the
+    /// entry's index, so a replay finds them already there.
+    fn apply_alarm(&mut self, index: u64, req: &AlarmRequest) -> Result<ApplyResponse, ApplyError> {
+        let mut resp = AlarmResponse::default();
+        if let Some((alarms, _)) = &self.alarms {
+            let name = AlarmType::try_from(req.alarm)
+                .map(|t| t.as_str_name().to_string())
+                .unwrap_or_else(|_| req.alarm.to_string());
+            let from = format!("{:x}", req.member_id);
+            match AlarmAction::try_from(req.action) {
+                Ok(AlarmAction::Get) => resp.alarms = alarms.get(req.alarm),
+                Ok(AlarmAction::Activate) => {
+                    let before = alarms.get(req.alarm).len();
+                    resp.alarms.push(alarms.activate(req.member_id, req.alarm)?);
+                    if before == 0 {
+                        tracing::warn!(alarm = %name, %from, "alarm raised");
+                    }
+                }
+                Ok(AlarmAction::Deactivate) => {
+                    if let Some(m) = alarms.deactivate(req.member_id, req.alarm)? {
+                        resp.alarms.push(m);
+                        if alarms.get(req.alarm).is_empty() {
+                            tracing::warn!(alarm = %name, %from, "alarm disarmed");
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        self.store
+            .apply(index, mvcc_store::WriteOp::Noop, &|_| false)?;
+        Ok(ApplyResponse::Alarm(resp))
     }
 
     fn publish(&self, revision: i64, events: Vec<Event>) {
@@ -499,6 +605,28 @@ impl Applier {
             }),
         }))
     }
+}
+
+/// What a CORRUPT alarm refuses: every request that would change the store or the leases.
+/// (etcd 3.4 serves read-only txns outside its applier, so they are not refused.)
+fn writes(req: &InternalRaftRequest) -> bool {
+    req.put.is_some()
+        || req.delete_range.is_some()
+        || req.txn.as_ref().is_some_and(|t| !txn_read_only(t))
+        || req.compaction.is_some()
+        || req.lease_grant.is_some()
+        || req.lease_revoke.is_some()
+}
+
+fn txn_read_only(t: &TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(_)) | None => true,
+            Some(request_op::Request::RequestTxn(inner)) => txn_read_only(inner),
+            Some(_) => false,
+        })
 }
 
 /// The applier runs on its own thread; lease calls are short round trips to the lease task.
@@ -628,5 +756,264 @@ mod tests {
         ));
         drop(r.committed);
         r.thread.join().unwrap();
+    }
+
+    /// An applier with alarms over a shared in-memory engine, driven entry by entry.
+    struct AlarmRig {
+        engine: Arc<dyn mvcc_store::KvEngine>,
+        store: MvccStore,
+        alarms: Alarms,
+        committed: mpsc::Sender<Committed<Responder>>,
+        thread: std::thread::JoinHandle<()>,
+        next: u64,
+    }
+
+    impl AlarmRig {
+        fn start(engine: Arc<dyn mvcc_store::KvEngine>, quota: Quota) -> AlarmRig {
+            let store = MvccStore::open(engine.clone()).unwrap();
+            let alarms = Alarms::open(engine.clone()).unwrap();
+            let (committed, committed_rx) = mpsc::channel(16);
+            let (applied_tx, _) = tokio::sync::watch::channel(0);
+            let applier =
+                Applier::new(store.clone(), None, applied_tx).with_alarms(alarms.clone(), quota);
+            let thread = std::thread::spawn(move || applier.run(committed_rx));
+            let next = store.applied_index() + 1;
+            AlarmRig {
+                engine,
+                store,
+                alarms,
+                committed,
+                thread,
+                next,
+            }
+        }
+
+        async fn apply(&mut self, req: InternalRaftRequest) -> Result<ApplyResponse, ApplyError> {
+            let (tx, rx) = oneshot::channel();
+            let index = self.next;
+            self.next += 1;
+            self.committed
+                .send(Committed {
+                    snapshot: None,
+                    entries: vec![entry(index, encode_request(&req), Some(tx))],
+                })
+                .await
+                .unwrap();
+            rx.await.unwrap()
+        }
+
+        fn stop(self) -> Arc<dyn mvcc_store::KvEngine> {
+            drop(self.committed);
+            self.thread.join().unwrap();
+            self.engine
+        }
+    }
+
+    fn alarm(action: AlarmAction, member_id: u64, alarm: AlarmType) -> InternalRaftRequest {
+        InternalRaftRequest {
+            alarm: Some(AlarmRequest {
+                action: action as i32,
+                member_id,
+                alarm: alarm as i32,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn put_req(key: &str, value: &str) -> InternalRaftRequest {
+        decode_request(&put(key, value)).unwrap()
+    }
+
+    fn txn(success: Vec<RequestOp>) -> InternalRaftRequest {
+        InternalRaftRequest {
+            txn: Some(TxnRequest {
+                success,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn range_op(key: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: key.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn put_op(key: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.into(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn nospace_alarm_caps_writes_and_survives_a_restart() {
+        let engine: Arc<dyn mvcc_store::KvEngine> = Arc::new(MemEngine::default());
+        let mut r = AlarmRig::start(engine, Quota::from_flag(-1));
+        assert!(matches!(
+            r.apply(put_req("a", "1")).await,
+            Ok(ApplyResponse::Put(_))
+        ));
+        match r
+            .apply(alarm(AlarmAction::Activate, 9, AlarmType::Nospace))
+            .await
+        {
+            Ok(ApplyResponse::Alarm(resp)) => assert_eq!(
+                resp.alarms,
+                vec![oxcd_proto::etcdserverpb::AlarmMember {
+                    member_id: 9,
+                    alarm: AlarmType::Nospace as i32
+                }]
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(r.alarms.active(AlarmType::Nospace));
+        let rev = r.store.current_revision();
+        // What would grow the store is refused and changes nothing...
+        assert!(matches!(
+            r.apply(put_req("b", "2")).await,
+            Err(ApplyError::NoSpace)
+        ));
+        assert!(matches!(
+            r.apply(txn(vec![put_op("c")])).await,
+            Err(ApplyError::NoSpace)
+        ));
+        let grant = InternalRaftRequest {
+            lease_grant: Some(oxcd_proto::etcdserverpb::LeaseGrantRequest { ttl: 10, id: 5 }),
+            ..Default::default()
+        };
+        assert!(matches!(r.apply(grant).await, Err(ApplyError::NoSpace)));
+        assert_eq!(r.store.current_revision(), rev);
+        // ...while reads, deletes and compaction still work.
+        assert!(matches!(
+            r.apply(txn(vec![range_op("a")])).await,
+            Ok(ApplyResponse::Txn(_))
+        ));
+        let del = InternalRaftRequest {
+            delete_range: Some(DeleteRangeRequest {
+                key: b"a".to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(
+            r.apply(del).await,
+            Ok(ApplyResponse::DeleteRange(_))
+        ));
+        let compact = InternalRaftRequest {
+            compaction: Some(CompactionRequest {
+                revision: r.store.current_revision(),
+                physical: false,
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(
+            r.apply(compact).await,
+            Ok(ApplyResponse::Compact { .. })
+        ));
+
+        // A restart on the same engine keeps the alarm, and the cap with it.
+        let applied = r.store.applied_index();
+        let engine = r.stop();
+        let mut r = AlarmRig::start(engine, Quota::from_flag(-1));
+        assert_eq!(r.store.applied_index(), applied);
+        assert!(r.alarms.has(9, AlarmType::Nospace));
+        assert!(matches!(
+            r.apply(put_req("b", "2")).await,
+            Err(ApplyError::NoSpace)
+        ));
+        let listed = r
+            .apply(alarm(AlarmAction::Get, 0, AlarmType::None))
+            .await
+            .unwrap();
+        assert!(matches!(listed, ApplyResponse::Alarm(ref a) if a.alarms.len() == 1));
+
+        // Disarming another member's alarm changes nothing; disarming this one lifts the cap.
+        match r
+            .apply(alarm(AlarmAction::Deactivate, 8, AlarmType::Nospace))
+            .await
+        {
+            Ok(ApplyResponse::Alarm(resp)) => assert!(resp.alarms.is_empty()),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(r.alarms.active(AlarmType::Nospace));
+        r.apply(alarm(AlarmAction::Deactivate, 9, AlarmType::Nospace))
+            .await
+            .unwrap();
+        assert!(matches!(
+            r.apply(put_req("b", "2")).await,
+            Ok(ApplyResponse::Put(_))
+        ));
+        let engine = r.stop();
+        assert!(Alarms::open(engine).unwrap().get(0).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_write_over_the_quota_is_applied_but_reported() {
+        let engine: Arc<dyn mvcc_store::KvEngine> = Arc::new(MemEngine::default());
+        // The in-memory engine's size is its keys and values.
+        let mut r = AlarmRig::start(engine, Quota::from_flag(2000));
+        assert!(matches!(
+            r.apply(put_req("a", "1")).await,
+            Ok(ApplyResponse::Put(_))
+        ));
+        let big = "x".repeat(1800);
+        assert!(matches!(
+            r.apply(put_req("big", &big)).await,
+            Err(ApplyError::NoSpace)
+        ));
+        // Every member applies the same log: the write is there all the same.
+        let got = r
+            .store
+            .range(&RangeRequest {
+                key: b"big".to_vec(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(got.kvs.len(), 1);
+        // The server is told to raise this member's alarm; the applier does not raise it.
+        tokio::time::timeout(std::time::Duration::from_secs(5), r.alarms.exceeded())
+            .await
+            .expect("over-quota write reported");
+        assert!(!r.alarms.active(AlarmType::Nospace));
+        // Costless requests are never over the quota.
+        assert!(matches!(
+            r.apply(txn(vec![range_op("a")])).await,
+            Ok(ApplyResponse::Txn(_))
+        ));
+        r.stop();
+    }
+
+    #[tokio::test]
+    async fn corrupt_alarm_refuses_every_write_but_read_only_txns() {
+        let engine: Arc<dyn mvcc_store::KvEngine> = Arc::new(MemEngine::default());
+        let mut r = AlarmRig::start(engine, Quota::from_flag(-1));
+        r.apply(alarm(AlarmAction::Activate, 3, AlarmType::Corrupt))
+            .await
+            .unwrap();
+        assert!(matches!(
+            r.apply(put_req("a", "1")).await,
+            Err(ApplyError::Corrupt)
+        ));
+        let del = InternalRaftRequest {
+            delete_range: Some(DeleteRangeRequest {
+                key: b"a".to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(r.apply(del).await, Err(ApplyError::Corrupt)));
+        assert!(matches!(
+            r.apply(txn(vec![range_op("a")])).await,
+            Ok(ApplyResponse::Txn(_))
+        ));
+        r.stop();
     }
 }
