@@ -29,8 +29,6 @@ const NOT_YET_SERVED: &[&str] = &[
     // Raft proposals: pending and failed next to the committed and applied counters.
     "etcd_server_proposals_pending",
     "etcd_server_proposals_failed_total",
-    // The size quota.
-    "etcd_server_quota_backend_bytes",
 ];
 
 /// Prefixes that mark a word in a deploy file as a metric name the server must serve. Other

@@ -47,6 +47,11 @@ pub enum GatewayError {
     LearnerNotReady,
     #[error("etcdserver: invalid peer URL")]
     BadPeerUrl,
+    /// The backend is over `--quota-backend-bytes`, or a NOSPACE alarm is set.
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
 }
 
 impl From<GatewayError> for Status {
@@ -64,6 +69,8 @@ impl From<GatewayError> for Status {
             | LearnerNotReady => Code::FailedPrecondition,
             MemberNotFound => Code::NotFound,
             BadPeerUrl => Code::InvalidArgument,
+            NoSpace => Code::ResourceExhausted,
+            Corrupt => Code::DataLoss,
         };
         Status::new(code, e.to_string())
     }
@@ -119,6 +126,8 @@ impl From<ApplyError> for StatusError {
             ApplyError::ConfChangeRejected => {
                 StatusError(Status::new(Code::FailedPrecondition, e.to_string()))
             }
+            ApplyError::NoSpace => GatewayError::NoSpace.into(),
+            ApplyError::Corrupt => GatewayError::Corrupt.into(),
             other => StatusError(Status::new(Code::Internal, other.to_string())),
         }
     }
@@ -184,5 +193,21 @@ mod tests {
         );
         let s = lease_status(&LeaseError::TtlTooLarge);
         assert_eq!(s.code(), Code::OutOfRange);
+        let applied: Status = StatusError::from(ApplyError::NoSpace).into();
+        let checked: Status = GatewayError::NoSpace.into();
+        for s in [applied, checked] {
+            assert_eq!(
+                (s.code(), s.message()),
+                (
+                    Code::ResourceExhausted,
+                    "etcdserver: mvcc: database space exceeded"
+                )
+            );
+        }
+        let s: Status = StatusError::from(ApplyError::Corrupt).into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::DataLoss, "etcdserver: corrupt cluster")
+        );
     }
 }

@@ -5,9 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use applier::{encode_request, ApplyResponse, Membership, MvccStore, Responder};
+use applier::{
+    encode_request, request_cost, Alarms, ApplyError, ApplyResponse, Membership, MvccStore, Quota,
+    Responder,
+};
 use oxcd_proto::etcdserverpb::{
-    InternalRaftRequest, Member, RangeRequest, RangeResponse, RequestHeader,
+    alarm_request::AlarmAction, AlarmRequest, AlarmType, InternalRaftRequest, Member, RangeRequest,
+    RangeResponse, RequestHeader,
 };
 use raft_node::{RaftCommand, RaftStatus};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -23,6 +27,8 @@ pub struct Limits {
     pub max_txn_ops: usize,
     /// How long a client waits for its proposal or read barrier.
     pub request_timeout: Duration,
+    /// `--quota-backend-bytes`.
+    pub quota: Quota,
 }
 
 impl Default for Limits {
@@ -31,6 +37,7 @@ impl Default for Limits {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             request_timeout: Duration::from_secs(7),
+            quota: Quota::default(),
         }
     }
 }
@@ -51,6 +58,7 @@ struct Inner {
     headers: HeaderSource,
     limits: Limits,
     members: Membership,
+    alarms: Alarms,
     next_id: AtomicU64,
 }
 
@@ -62,7 +70,10 @@ impl Gateway {
         headers: HeaderSource,
         limits: Limits,
         members: Membership,
+        alarms: Alarms,
     ) -> Self {
+        log_quota(limits.quota);
+        metrics::gauge!("etcd_server_quota_backend_bytes").set(limits.quota.gauge() as f64);
         // Request ids: member id prefix, time, then a counter (unique across restarts in practice).
         let millis = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -77,6 +88,7 @@ impl Gateway {
                 headers,
                 limits,
                 members,
+                alarms,
                 next_id: AtomicU64::new(first),
             }),
         }
@@ -103,8 +115,66 @@ impl Gateway {
         &self.inner.members
     }
 
-    /// Sends one request through raft and waits for the applier's answer.
-    pub async fn propose(
+    /// The alarms as the applied log says.
+    pub fn alarms(&self) -> &Alarms {
+        &self.inner.alarms
+    }
+
+    /// etcd's quota check in front of Put, Txn and LeaseGrant: a request of `cost` that would
+    /// take the backend over its quota is refused with NOSPACE, after this member's NOSPACE
+    /// alarm has been proposed (so that every member refuses such writes from then on).
+    pub async fn check_quota(&self, cost: u64) -> Result<(), StatusError> {
+        let quota = self.inner.limits.quota;
+        if cost == 0 || quota.limit().is_none() {
+            return Ok(());
+        }
+        if quota.available(self.store().db_size(), cost) {
+            return Ok(());
+        }
+        self.raise_nospace().await;
+        Err(GatewayError::NoSpace.into())
+    }
+
+    /// Proposes this member's NOSPACE alarm unless it is already applied. Best effort, as in
+    /// etcd: the caller reports NOSPACE whatever came of it.
+    async fn raise_nospace(&self) {
+        let me = self.headers().member_id;
+        if self.inner.alarms.has(me, AlarmType::Nospace) {
+            return;
+        }
+        let req = InternalRaftRequest {
+            alarm: Some(AlarmRequest {
+                action: AlarmAction::Activate as i32,
+                member_id: me,
+                alarm: AlarmType::Nospace as i32,
+            }),
+            ..Default::default()
+        };
+        // Boxed: proposing may come back here (an answer of NOSPACE raises the alarm).
+        if let Err(e) = Box::pin(self.propose_within_quota(req)).await {
+            tracing::warn!(status = %e.0, "NOSPACE alarm not raised");
+        }
+    }
+
+    /// Raises this member's NOSPACE alarm whenever the applier found a write over the quota
+    /// (on any member, whoever proposed the write). Runs until the server stops.
+    pub async fn raise_alarms(self) {
+        loop {
+            self.inner.alarms.exceeded().await;
+            self.raise_nospace().await;
+        }
+    }
+
+    /// Sends one request through raft and waits for the applier's answer. Requests that
+    /// would grow the store pass the quota check first.
+    pub async fn propose(&self, req: InternalRaftRequest) -> Result<ApplyResponse, StatusError> {
+        self.check_quota(request_cost(&req)).await?;
+        self.propose_within_quota(req).await
+    }
+
+    /// `propose` for a caller that has already checked the quota (or a request that costs
+    /// nothing).
+    pub async fn propose_within_quota(
         &self,
         mut req: InternalRaftRequest,
     ) -> Result<ApplyResponse, StatusError> {
@@ -124,6 +194,14 @@ impl Gateway {
         let outcome = tokio::time::timeout(self.inner.limits.request_timeout, rx).await;
         metrics::gauge!("etcd_server_proposals_pending").decrement(1.0);
         match outcome {
+            Ok(Ok(Err(ApplyError::NoSpace))) => {
+                // Applied over the quota: as etcd, the client hears of it once the alarm is
+                // up (refused because one already is: nothing to raise).
+                if !self.inner.alarms.active(AlarmType::Nospace) {
+                    self.raise_nospace().await;
+                }
+                Err(GatewayError::NoSpace.into())
+            }
             Ok(Ok(result)) => Ok(result?),
             // raft dropped the proposal (lost leadership, or it was superseded in the log).
             Ok(Err(_)) => {
@@ -206,5 +284,26 @@ impl Gateway {
             .send(cmd)
             .await
             .map_err(|_| GatewayError::Stopped.into())
+    }
+}
+
+/// etcd's start-up messages about the quota.
+fn log_quota(quota: Quota) {
+    match quota.limit() {
+        None => tracing::info!(quota_size_bytes = quota.flag, "disabled backend quota"),
+        Some(limit) if quota.flag == 0 => tracing::info!(
+            quota_size_bytes = limit,
+            "enabled backend quota with default value"
+        ),
+        Some(limit) => {
+            if limit > applier::MAX_QUOTA_BYTES {
+                tracing::warn!(
+                    quota_size_bytes = limit,
+                    quota_maximum_size_bytes = applier::MAX_QUOTA_BYTES,
+                    "quota exceeds the maximum value"
+                );
+            }
+            tracing::info!(quota_size_bytes = limit, "enabled backend quota");
+        }
     }
 }

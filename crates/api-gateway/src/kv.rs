@@ -1,6 +1,6 @@
 //! The KV service: Range, Put, DeleteRange, Txn, Compact.
 
-use applier::ApplyResponse;
+use applier::{request_cost, ApplyResponse};
 use oxcd_proto::etcdserverpb::{
     kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
     InternalRaftRequest, PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest,
@@ -23,6 +23,12 @@ impl KvService {
     async fn write(&self, req: InternalRaftRequest) -> Result<ApplyResponse, Status> {
         Ok(self.gw.propose(req).await?)
     }
+
+    /// Put and Txn check the quota first, before validation, as etcd's quota layer wraps its
+    /// KV server; the proposal then skips the check.
+    async fn write_checked(&self, req: InternalRaftRequest) -> Result<ApplyResponse, Status> {
+        Ok(self.gw.propose_within_quota(req).await?)
+    }
 }
 
 fn unexpected(what: &str, got: &ApplyResponse) -> Status {
@@ -38,14 +44,13 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let req = req.into_inner();
-        validate::check_put(&req)?;
-        let out = self
-            .write(InternalRaftRequest {
-                put: Some(req),
-                ..Default::default()
-            })
-            .await?;
+        let req = InternalRaftRequest {
+            put: Some(req.into_inner()),
+            ..Default::default()
+        };
+        self.gw.check_quota(request_cost(&req)).await?;
+        validate::check_put(req.put.as_ref().expect("set above"))?;
+        let out = self.write_checked(req).await?;
         match out {
             ApplyResponse::Put(mut resp) => {
                 self.gw.headers().fill(&mut resp.header, 0);
@@ -77,14 +82,16 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let req = req.into_inner();
-        validate::check_txn(&req, self.gw.limits().max_txn_ops)?;
-        let out = self
-            .write(InternalRaftRequest {
-                txn: Some(req),
-                ..Default::default()
-            })
-            .await?;
+        let req = InternalRaftRequest {
+            txn: Some(req.into_inner()),
+            ..Default::default()
+        };
+        self.gw.check_quota(request_cost(&req)).await?;
+        validate::check_txn(
+            req.txn.as_ref().expect("set above"),
+            self.gw.limits().max_txn_ops,
+        )?;
+        let out = self.write_checked(req).await?;
         match out {
             ApplyResponse::Txn(mut resp) => {
                 self.gw.headers().fill(&mut resp.header, 0);

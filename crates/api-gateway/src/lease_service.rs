@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 
-use applier::ApplyResponse;
+use applier::{request_cost, ApplyResponse};
 use lease::{LeaseError, LeaseHandle, MAX_LEASE_TTL};
 use oxcd_proto::etcdserverpb::{
     lease_server::Lease, InternalRaftRequest, LeaseGrantRequest, LeaseGrantResponse,
@@ -110,6 +110,12 @@ impl Lease for LeaseService {
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut req = req.into_inner();
+        // As etcd's quota layer in front of its lease server: the quota comes first.
+        let cost = request_cost(&InternalRaftRequest {
+            lease_grant: Some(req),
+            ..Default::default()
+        });
+        self.gw.check_quota(cost).await?;
         if req.ttl > MAX_LEASE_TTL {
             return Err(StatusError::from(LeaseError::TtlTooLarge).into());
         }
@@ -121,7 +127,7 @@ impl Lease for LeaseService {
         }
         let out = self
             .gw
-            .propose(InternalRaftRequest {
+            .propose_within_quota(InternalRaftRequest {
                 lease_grant: Some(req),
                 ..Default::default()
             })

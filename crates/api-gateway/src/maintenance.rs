@@ -171,16 +171,26 @@ impl Write for ChunkSink {
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        // No alarm is ever raised yet (quota and corruption checks arrive later), so the list is
-        // truthfully empty and disarming is a no-op; raising one by hand is refused.
-        match AlarmAction::try_from(req.into_inner().action) {
-            Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => {
-                Ok(Response::new(AlarmResponse {
-                    header: self.header(),
-                    alarms: vec![],
-                }))
-            }
-            _ => Err(Status::new(Code::Unavailable, "etcdserver: not capable")),
+        // etcd answers every alarm request from its applier, without a response header.
+        let req = req.into_inner();
+        if let Ok(AlarmAction::Get) = AlarmAction::try_from(req.action) {
+            // A linearizable read of the applied alarms (etcd sends GET through raft).
+            self.gw.read_barrier().await?;
+            return Ok(Response::new(AlarmResponse {
+                header: None,
+                alarms: self.gw.alarms().get(req.alarm),
+            }));
+        }
+        let out = self
+            .gw
+            .propose(oxcd_proto::etcdserverpb::InternalRaftRequest {
+                alarm: Some(req),
+                ..Default::default()
+            })
+            .await?;
+        match out {
+            applier::ApplyResponse::Alarm(resp) => Ok(Response::new(resp)),
+            other => Err(Status::internal(format!("alarm applied as {other:?}"))),
         }
     }
 
@@ -188,6 +198,13 @@ impl Maintenance for MaintenanceService {
         let raft = self.gw.raft_status().await?;
         let store = self.gw.store();
         self.gw.headers().set_term(raft.term);
+        // As etcd 3.4: a missing leader, then every alarm in Go's protobuf text.
+        let mut errors = Vec::new();
+        if raft.leader_id == 0 {
+            errors.push(GatewayError::NoLeader.to_string());
+        }
+        let all = oxcd_proto::etcdserverpb::AlarmType::None as i32;
+        errors.extend(self.gw.alarms().get(all).iter().map(applier::alarm_text));
         Ok(Response::new(StatusResponse {
             header: self.header(),
             version: ETCD_VERSION.to_string(),
@@ -196,7 +213,7 @@ impl Maintenance for MaintenanceService {
             raft_index: raft.commit_index,
             raft_term: raft.term,
             raft_applied_index: self.gw.applied_index(),
-            errors: vec![],
+            errors,
             db_size_in_use: store.db_size_in_use(),
             is_learner: raft.learners.contains(&raft.id),
         }))

@@ -13,7 +13,7 @@ use api_gateway::recipes::{ElectionService, LockService};
 use api_gateway::watch_service::{StoreHistory, WatchService};
 use api_gateway::{Gateway, HeaderSource, Limits};
 use applier::Applier;
-use applier::{EngineLeaseStore, Membership};
+use applier::{Alarms, EngineLeaseStore, Membership, Quota};
 use lease::{LeaseHandle, LeaseTick, Lessor, LessorConfig, SystemClock, TickerConfig};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use mvcc_store::{KvEngine, MvccStore, RocksEngine};
@@ -52,6 +52,8 @@ pub enum ServerError {
     Metrics(String),
     #[error("leases: {0}")]
     Lease(String),
+    #[error(transparent)]
+    Alarms(#[from] applier::AlarmError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -169,6 +171,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let store = MvccStore::open(engine.clone())?;
     let membership = Membership::open(engine.clone(), &initial_members)
         .map_err(|e| ServerError::Lease(e.to_string()))?;
+    let alarms = Alarms::open(engine.clone())?;
     let lessor = open_lessor(&cfg, engine, &store)?;
     let applied = store.applied_index();
 
@@ -225,6 +228,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let applier = Applier::new(store.clone(), Some(events_tx), applied_tx)
         .with_leases(leases.clone())
         .with_membership(membership.clone())
+        .with_alarms(alarms.clone(), Quota::from_flag(cfg.quota_backend_bytes))
         .with_snapshots(snapshot_fetch(&identity, book.clone(), rt.handle().clone()));
     let applier_thread = std::thread::Builder::new()
         .name("applier".into())
@@ -245,6 +249,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             peer: peer_addrs,
         },
         membership,
+        alarms,
         book,
         compaction,
     ));
@@ -269,6 +274,7 @@ async fn serve(
     metrics: PrometheusHandle,
     listeners: Listeners,
     membership: Membership,
+    alarms: Alarms,
     book: AddressBook,
     compaction: Option<auto_compaction::Policy>,
 ) -> Result<(), ServerError> {
@@ -277,6 +283,7 @@ async fn serve(
         max_request_bytes: cfg.max_request_bytes as usize,
         max_txn_ops: cfg.max_txn_ops as usize,
         request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
+        quota: Quota::from_flag(cfg.quota_backend_bytes),
     };
     let gw = Gateway::new(
         raft_tx.clone(),
@@ -285,6 +292,7 @@ async fn serve(
         headers.clone(),
         limits,
         membership.clone(),
+        alarms,
     );
 
     let hub = WatchHub::start(
@@ -358,6 +366,7 @@ async fn serve(
         },
     ));
     tokio::spawn(report_status(gw.clone(), store));
+    tokio::spawn(gw.clone().raise_alarms());
     tokio::spawn(lease_leadership(
         gw.clone(),
         leases.clone(),
