@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use oxcd_proto::etcdserverpb::RangeRequest;
+use oxcd_proto::etcdserverpb::{AlarmType, RangeRequest};
 
 /// How long a health check waits for the raft loop or a quorum read.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -51,8 +51,16 @@ async fn version() -> impl IntoResponse {
 }
 
 /// Healthy = a leader is known and a linearizable read completes in time (etcd's check).
-async fn health(State(s): State<HttpState>) -> impl IntoResponse {
-    let reason = check(&s.gw).await.err();
+async fn health(State(s): State<HttpState>, RawQuery(q): RawQuery) -> impl IntoResponse {
+    let excluded: Vec<String> = query_pairs(q.as_deref().unwrap_or_default())
+        .into_iter()
+        .filter(|(k, _)| k == "exclude")
+        .map(|(_, v)| v)
+        .collect();
+    let reason = match alarm_check(&s.gw, &excluded) {
+        Err(reason) => Some(reason),
+        Ok(()) => check(&s.gw).await.err(),
+    };
     let ok = reason.is_none();
     metrics::counter!("etcd_server_health_success").increment(ok as u64);
     metrics::counter!("etcd_server_health_failures").increment(!ok as u64);
@@ -70,6 +78,23 @@ async fn health(State(s): State<HttpState>) -> impl IntoResponse {
         [("content-type", "application/json")],
         body.to_string(),
     )
+}
+
+/// etcd's first health check: an alarm (other than those named by `?exclude=`) makes the member
+/// unhealthy.
+fn alarm_check(gw: &Gateway, excluded: &[String]) -> Result<(), String> {
+    for a in gw.alarms().get(AlarmType::None as i32) {
+        let name = AlarmType::try_from(a.alarm).map_or("UNKNOWN", |t| t.as_str_name());
+        if excluded.iter().any(|e| e == name) {
+            continue;
+        }
+        tracing::warn!(alarm = %applier::alarm_text(&a), "serving /health false due to an alarm");
+        return Err(match AlarmType::try_from(a.alarm) {
+            Ok(AlarmType::Nospace) | Ok(AlarmType::Corrupt) => format!("ALARM {name}"),
+            _ => "ALARM UNKNOWN".to_string(),
+        });
+    }
+    Ok(())
 }
 
 async fn check(gw: &Gateway) -> Result<(), String> {
@@ -113,7 +138,7 @@ async fn raft_status(gw: &Gateway) -> Result<raft_node::RaftStatus, String> {
 /// The checks behind `/livez` and `/readyz`, named as etcd names them.
 #[derive(Clone, Copy, PartialEq)]
 enum Check {
-    /// No CORRUPT alarm is active. oxcd raises no alarms yet, so this always passes.
+    /// No CORRUPT alarm is active.
     DataCorruption,
     /// The raft loop answers and the local store serves a read.
     SerializableRead,
@@ -132,6 +157,9 @@ impl Check {
 
     async fn run(self, gw: &Gateway) -> Result<(), String> {
         match self {
+            Check::DataCorruption if gw.alarms().active(AlarmType::Corrupt) => {
+                Err("alarm activated: CORRUPT".to_string())
+            }
             Check::DataCorruption => Ok(()),
             Check::SerializableRead => {
                 raft_status(gw).await?;
