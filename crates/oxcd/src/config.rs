@@ -376,7 +376,10 @@ mod tests {
     fn unknown_flag_is_an_error_and_known_inactive_ones_are_accepted() {
         assert!(parse(&["--no-such-flag=1"]).is_err());
         let c = parse(&["--log-level=warn", "--log-level", "debug"]).unwrap();
-        assert_eq!(c.log_level, "debug", "the last of a repeated flag wins, as in etcd");
+        assert_eq!(
+            c.log_level, "debug",
+            "the last of a repeated flag wins, as in etcd"
+        );
         let c = parse(&["--snapshot-count=5", "--enable-v2", "--max-wals", "3"]).unwrap();
         assert_eq!(c.snapshot_count, 5);
         assert_eq!(
