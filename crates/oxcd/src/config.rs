@@ -292,19 +292,65 @@ impl Config {
                 .collect::<Vec<_>>()
                 .join(","),
         };
-        let mut members: Vec<(String, Vec<String>)> = Vec::new();
-        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (name, url) = entry
-                .split_once('=')
-                .ok_or_else(|| ConfigError::BadInitialCluster(entry.to_string()))?;
-            parse_url("initial-cluster", url)?;
-            match members.iter_mut().find(|(n, _)| n == name) {
-                Some((_, urls)) => urls.push(url.to_string()),
-                None => members.push((name.to_string(), vec![url.to_string()])),
-            }
-        }
-        Ok(members)
+        parse_initial_cluster(&text)
     }
+}
+
+/// `name=url,name=url,...`: each member's peer URLs, in order of first mention.
+pub fn parse_initial_cluster(text: &str) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+    let mut members: Vec<(String, Vec<String>)> = Vec::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, url) = entry
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadInitialCluster(entry.to_string()))?;
+        parse_url("initial-cluster", url)?;
+        match members.iter_mut().find(|(n, _)| n == name) {
+            Some((_, urls)) => urls.push(url.to_string()),
+            None => members.push((name.to_string(), vec![url.to_string()])),
+        }
+    }
+    Ok(members)
+}
+
+/// The members a new cluster starts with, derived from the bootstrap flags exactly as every
+/// member derives them (so all agree, as in etcd), and this member's peer URLs among them.
+/// `name` must be listed, with the URLs it advertises.
+pub fn initial_members(
+    cluster: &[(String, Vec<String>)],
+    name: &str,
+    advertise_peer_urls: &str,
+    token: &str,
+) -> Result<(Vec<oxcd_proto::etcdserverpb::Member>, Vec<String>), ConfigError> {
+    let me =
+        cluster
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| ConfigError::NameNotInCluster {
+                name: name.to_string(),
+            })?;
+    let advertised = split_urls(advertise_peer_urls);
+    let (mut a, mut b) = (advertised.clone(), me.1.clone());
+    a.sort();
+    b.sort();
+    if a != b {
+        return Err(ConfigError::PeerUrlsMismatch {
+            name: name.to_string(),
+            advertised,
+            listed: me.1.clone(),
+        });
+    }
+    let members = cluster
+        .iter()
+        .map(|(name, urls)| oxcd_proto::etcdserverpb::Member {
+            id: crate::ids::member_id(urls, token),
+            name: name.clone(),
+            peer_ur_ls: urls.clone(),
+            // Every member must bootstrap identical records; client URLs arrive published.
+            client_ur_ls: Vec::new(),
+            is_learner: false,
+        })
+        .collect();
+    Ok((members, me.1.clone()))
 }
 
 pub fn split_urls(list: &str) -> Vec<String> {

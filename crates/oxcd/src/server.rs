@@ -85,37 +85,12 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let metrics = install_metrics()?;
 
     let cluster = cfg.initial_cluster()?;
-    let me = cluster
-        .iter()
-        .find(|(n, _)| *n == cfg.name)
-        .ok_or_else(|| ConfigError::NameNotInCluster {
-            name: cfg.name.clone(),
-        })?;
-    let advertised = split_urls(&cfg.initial_advertise_peer_urls);
-    let (mut a, mut b) = (advertised.clone(), me.1.clone());
-    a.sort();
-    b.sort();
-    if a != b {
-        return Err(ConfigError::PeerUrlsMismatch {
-            name: cfg.name.clone(),
-            advertised,
-            listed: me.1.clone(),
-        }
-        .into());
-    }
-    // Every member of a new cluster derives the same ids from the same flags, as etcd does.
-    let token = &cfg.initial_cluster_token;
-    let initial_members: Vec<Member> = cluster
-        .iter()
-        .map(|(name, urls)| Member {
-            id: ids::member_id(urls, token),
-            name: name.clone(),
-            peer_ur_ls: urls.clone(),
-            // Every member must bootstrap identical records; client URLs arrive published.
-            client_ur_ls: Vec::new(),
-            is_learner: false,
-        })
-        .collect();
+    let (initial_members, my_peer_urls) = crate::config::initial_members(
+        &cluster,
+        &cfg.name,
+        &cfg.initial_advertise_peer_urls,
+        &cfg.initial_cluster_token,
+    )?;
     let peer_addrs = addrs("listen-peer-urls", &cfg.listen_peer_urls)?;
     let client_addrs = addrs("listen-client-urls", &cfg.listen_client_urls)?;
     let metrics_addrs = addrs("listen-metrics-urls", &cfg.listen_metrics_urls)?;
@@ -128,7 +103,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let identity = match dd.identity()? {
         Some(id) => id,
         None if cfg.initial_cluster_state == "existing" => {
-            let (id, members) = join_existing(&cluster, &me.1, &cfg.name)?;
+            let (id, members) = join_existing(&cluster, &my_peer_urls, &cfg.name)?;
             // raft starts from the running cluster's configuration without this member; its
             // own addition arrives in the log it receives from the leader.
             raft_voters = members
@@ -146,7 +121,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             id
         }
         None => {
-            let member_id = ids::member_id(&me.1, &cfg.initial_cluster_token);
+            let member_id = ids::member_id(&my_peer_urls, &cfg.initial_cluster_token);
             let all: Vec<u64> = initial_members.iter().map(|m| m.id).collect();
             let id = Identity {
                 member_id,

@@ -24,7 +24,7 @@ use mvcc_store::snapshot_file::{self, SnapshotFileError};
 use mvcc_store::{KvEngine, MvccStore, RocksEngine, WriteBatch, APPLIED_INDEX_KEY};
 use oxcd_proto::etcdserverpb::Member;
 
-use crate::config::{parse_url, split_urls, ConfigError};
+use crate::config::{initial_members, parse_initial_cluster, ConfigError};
 use crate::datadir::{DataDir, DataDirError, Identity};
 use crate::ids;
 
@@ -162,54 +162,17 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
 /// The members `--initial-cluster` names and this member's identity among them, derived as
 /// a server bootstrapping a new cluster from the same flags derives them.
 pub fn bootstrap_members(args: &RestoreArgs) -> Result<(Vec<Member>, Identity), RestoreError> {
-    let mut cluster: Vec<(String, Vec<String>)> = Vec::new();
-    for entry in args
-        .initial_cluster
-        .split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-    {
-        let (name, url) = entry
-            .split_once('=')
-            .ok_or_else(|| ConfigError::BadInitialCluster(entry.to_string()))?;
-        parse_url("initial-cluster", url)?;
-        match cluster.iter_mut().find(|(n, _)| n == name) {
-            Some((_, urls)) => urls.push(url.to_string()),
-            None => cluster.push((name.to_string(), vec![url.to_string()])),
-        }
-    }
-    let me = cluster
-        .iter()
-        .find(|(n, _)| *n == args.name)
-        .ok_or_else(|| ConfigError::NameNotInCluster {
-            name: args.name.clone(),
-        })?;
-    let advertised = split_urls(&args.initial_advertise_peer_urls);
-    let (mut a, mut b) = (advertised.clone(), me.1.clone());
-    a.sort();
-    b.sort();
-    if a != b {
-        return Err(ConfigError::PeerUrlsMismatch {
-            name: args.name.clone(),
-            advertised,
-            listed: me.1.clone(),
-        }
-        .into());
-    }
+    let cluster = parse_initial_cluster(&args.initial_cluster)?;
+    let (members, my_peer_urls) = initial_members(
+        &cluster,
+        &args.name,
+        &args.initial_advertise_peer_urls,
+        &args.initial_cluster_token,
+    )?;
     let token = &args.initial_cluster_token;
-    let members: Vec<Member> = cluster
-        .iter()
-        .map(|(name, urls)| Member {
-            id: ids::member_id(urls, token),
-            name: name.clone(),
-            peer_ur_ls: urls.clone(),
-            client_ur_ls: Vec::new(),
-            is_learner: false,
-        })
-        .collect();
     let all: Vec<u64> = members.iter().map(|m| m.id).collect();
     let identity = Identity {
-        member_id: ids::member_id(&me.1, token),
+        member_id: ids::member_id(&my_peer_urls, token),
         cluster_id: ids::cluster_id(&all),
     };
     Ok((members, identity))
