@@ -228,34 +228,14 @@ impl KvEngine for RocksEngine {
         ro.set_iterate_upper_bound(end.to_vec());
         let mut it = self.db.raw_iterator_opt(ro);
         it.seek(start);
-        while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                break;
-            };
-            if !f(k, v) {
-                return Ok(());
-            }
-            it.next();
-        }
-        it.status()?;
-        Ok(())
+        visit(it, f)
     }
 
     fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
         // An iterator reads from the implicit snapshot taken when it is created.
         let mut it = self.db.raw_iterator();
         it.seek_to_first();
-        while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                break;
-            };
-            if !f(k, v) {
-                return Ok(());
-            }
-            it.next();
-        }
-        it.status()?;
-        Ok(())
+        visit(it, f)
     }
 
     fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
@@ -296,4 +276,22 @@ impl KvEngine for RocksEngine {
     fn flush(&self) -> Result<(), EngineError> {
         Ok(self.db.flush()?)
     }
+}
+
+/// Hands every record from the iterator's position on to `f` until it returns false.
+fn visit(
+    mut it: rocksdb::DBRawIterator<'_>,
+    f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+) -> Result<(), EngineError> {
+    while it.valid() {
+        let (Some(k), Some(v)) = (it.key(), it.value()) else {
+            break;
+        };
+        if !f(k, v) {
+            return Ok(());
+        }
+        it.next();
+    }
+    it.status()?;
+    Ok(())
 }

@@ -149,10 +149,11 @@ fn write_durably(path: &Path, data: &[u8]) -> Result<(), DataDirError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn tmp() -> PathBuf {
+    /// A fresh, empty directory for one test.
+    pub(crate) fn tmp() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
             "oxcd-datadir-{}-{}",
             std::process::id(),

@@ -331,18 +331,7 @@ mod tests {
     use mvcc_store::WriteOp;
     use oxcd_proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest};
 
-    fn tmp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "oxcd-restore-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::datadir::tests::tmp;
 
     fn args(file: &Path, data_dir: &Path) -> RestoreArgs {
         let mut a = Cli::try_parse_from([

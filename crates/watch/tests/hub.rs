@@ -462,12 +462,10 @@ async fn missing_revisions_in_the_feed_are_read_from_history() {
     // Revision 2 reaches the history but is never published.
     rig.history.put(b"k", b"2");
     rig.put(b"k", b"3").await;
-    let evs = collect_events(&mut rx, id, 3).await;
-    let revs: Vec<i64> = evs
-        .iter()
-        .map(|e| e.kv.as_ref().unwrap().mod_revision)
-        .collect();
-    assert_eq!(revs, vec![1, 2, 3]);
+    assert_eq!(
+        revisions(&collect_events(&mut rx, id, 3).await),
+        vec![1, 2, 3]
+    );
 }
 
 /// Many watchers with random start revisions, small sinks and slow, irregular readers, while
@@ -653,12 +651,17 @@ async fn a_jump_announced_without_events_is_read_from_history() {
     rig.history.put(b"k", b"2");
     rig.history.put(b"k", b"3");
     rig.publish.send(watch::Events::jumped_to(3)).await.unwrap();
-    let evs = collect_events(&mut rx, id, 3).await;
-    let revs: Vec<i64> = evs
-        .iter()
-        .map(|e| e.kv.as_ref().unwrap().mod_revision)
-        .collect();
-    assert_eq!(revs, vec![1, 2, 3]);
+    assert_eq!(
+        revisions(&collect_events(&mut rx, id, 3).await),
+        vec![1, 2, 3]
+    );
     rig.settle().await;
     assert_eq!(rig.hub.revision(), 3);
+}
+
+fn revisions(events: &[oxcd_proto::mvccpb::Event]) -> Vec<i64> {
+    events
+        .iter()
+        .map(|e| e.kv.as_ref().unwrap().mod_revision)
+        .collect()
 }
