@@ -40,6 +40,8 @@ struct Restored {
     name: String,
     peer_port: u16,
     token: String,
+    /// `--initial-cluster`; just this member unless set for a larger cluster.
+    cluster: Option<String>,
     data_dir: PathBuf,
     _tmp: tempfile::TempDir,
 }
@@ -54,6 +56,7 @@ impl Restored {
             name: name.into(),
             peer_port: free_port(),
             token: "snapshot-restore".into(),
+            cluster: None,
             data_dir: tmp.path().join("data"),
             _tmp: tmp,
         }
@@ -64,7 +67,9 @@ impl Restored {
     }
 
     fn initial_cluster(&self) -> String {
-        format!("{}={}", self.name, self.peer_url())
+        self.cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={}", self.name, self.peer_url()))
     }
 
     /// Runs the restore tool of the server under test; (success, stdout, stderr).
@@ -94,6 +99,13 @@ impl Restored {
 
     /// Starts a member on the restored data dir with the flags it was restored with.
     fn start(self) -> Server {
+        let mut s = self.spawn();
+        s.wait_healthy(START_TIMEOUT);
+        s
+    }
+
+    /// Starts it without waiting (a member of a larger cluster needs the others for a leader).
+    fn spawn(self) -> Server {
         let spec = ServerSpec {
             bin: server_bin(),
             name: self.name.clone(),
@@ -109,9 +121,7 @@ impl Restored {
             }),
             peer_listen_port: None,
         };
-        let mut s = Server::spawn(spec, Some(self._tmp));
-        s.wait_healthy(START_TIMEOUT);
-        s
+        Server::spawn(spec, Some(self._tmp))
     }
 }
 
@@ -272,4 +282,79 @@ async fn large_snapshot_streams_in_chunks_and_restores_whole() {
     let after = json(&dst, &["get", "--prefix", "bulk/", "--keys-only"]);
     assert_eq!(revision(&after), revision(&before));
     assert_eq!(after["kvs"], before["kvs"]);
+}
+
+/// (hash, compact revision) of member `s` at `rev`, through `etcdctl endpoint hashkv`.
+fn hash_kv(s: &Server, rev: i64) -> (u64, i64) {
+    let v = json(s, &["endpoint", "hashkv", &format!("--rev={rev}")]);
+    let h = &v[0]["HashKV"];
+    (
+        h["hash"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no hash in {v}")),
+        h["compact_revision"].as_i64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn one_snapshot_restores_a_new_three_member_cluster() {
+    let src = Server::start();
+    for i in 0..50 {
+        ctl(&src, &["put", &format!("k/{}", i % 20), &format!("v{i}")]).ok();
+    }
+    ctl(&src, &["del", "k/7"]).ok();
+    let compact_at = revision(&json(&src, &["get", "k/1"])) - 5;
+    ctl(&src, &["compact", &compact_at.to_string()]).ok();
+    let at = revision(&json(&src, &["get", "k/1"]));
+    let expected = hash_kv(&src, at);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.db");
+    save(&src, &file);
+
+    let mut targets: Vec<Restored> = ["r0", "r1", "r2"].into_iter().map(Restored::new).collect();
+    let cluster = targets
+        .iter()
+        .map(|t| format!("{}={}", t.name, t.peer_url()))
+        .collect::<Vec<_>>()
+        .join(",");
+    for t in &mut targets {
+        t.cluster = Some(cluster.clone());
+        let (ok, _, stderr) = t.restore(&file);
+        assert!(ok, "restore of {} failed:\n{stderr}", t.name);
+    }
+    let mut members: Vec<Server> = targets.into_iter().map(Restored::spawn).collect();
+    for m in &mut members {
+        m.wait_healthy(START_TIMEOUT);
+    }
+    for m in &members {
+        assert_eq!(
+            hash_kv(m, at),
+            expected,
+            "member {} at revision {at}",
+            m.endpoint()
+        );
+        let list = ctl(m, &["member", "list"]);
+        assert_eq!(list.ok().lines().count(), 3, "{list:#?}");
+    }
+    // The new cluster writes on from the snapshot's revision, on every member.
+    let put = json(&members[1], &["put", "k/new", "1"]);
+    assert_eq!(revision(&put), at + 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for m in &members {
+        loop {
+            let got = ctl(
+                m,
+                &["get", "k/new", "--consistency=s", "--print-value-only"],
+            );
+            if got.ok() == "1\n" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never got k/new",
+                m.endpoint()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
