@@ -74,6 +74,9 @@ impl Gateway {
     ) -> Self {
         log_quota(limits.quota);
         metrics::gauge!("etcd_server_quota_backend_bytes").set(limits.quota.gauge() as f64);
+        // Served from the start, as etcd does, so dashboards and alerts see 0 rather than nothing.
+        metrics::gauge!("etcd_server_proposals_pending").increment(0.0);
+        metrics::counter!("etcd_server_proposals_failed_total").increment(0);
         // Request ids: member id prefix, time, then a counter (unique across restarts in practice).
         let millis = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -258,7 +258,8 @@ impl Applier {
         let started = Instant::now();
         let index = entry.index;
         let outcome = self.apply_payload(index, entry.kind, &entry.data);
-        metrics::counter!("etcd_server_proposals_applied_total").increment(1);
+        // A gauge holding the applied index, as etcd exports it despite the name.
+        metrics::gauge!("etcd_server_proposals_applied_total").set(index as f64);
         metrics::gauge!("oxcd_applier_applied_index").set(index as f64);
         let took = started.elapsed();
         if took.as_millis() >= 100 {
