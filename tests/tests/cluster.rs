@@ -992,6 +992,15 @@ async fn a_follower_far_behind_catches_up_through_a_snapshot() {
         .unwrap();
     cl.put("snap/before", "1", None).await.unwrap();
     assert_converged(&mut c, "snap/", Duration::from_secs(10)).await;
+    // The leader measures its round trip to both peers (etcd's peer prober).
+    TestCluster::wait_for("round trips to both peers", Duration::from_secs(10), || {
+        let port = c.members[leader].spec().client_port;
+        let (_, body) = oxcd_tests::http_get(port, "/metrics").expect("metrics");
+        body.lines()
+            .filter(|l| l.starts_with("etcd_network_peer_round_trip_time_seconds_count{To="))
+            .count()
+            == 2
+    });
 
     c.members[follower].kill9();
     // A lease with a key, a compaction and a deletion: all of it must arrive in the snapshot.

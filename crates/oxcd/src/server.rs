@@ -668,8 +668,15 @@ fn addrs(flag: &'static str, list: &str) -> Result<Vec<SocketAddr>, ConfigError>
 fn install_metrics() -> Result<PrometheusHandle, ServerError> {
     // etcd's disk histograms: 1ms doubling to ~8s.
     let disk: Vec<f64> = (0..14).map(|i| 0.001 * f64::powi(2.0, i)).collect();
+    // etcd's peer round-trip histogram: 0.1ms doubling to ~3.3s.
+    let rtt: Vec<f64> = (0..16).map(|i| 0.0001 * f64::powi(2.0, i)).collect();
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), &disk)
+        .map_err(|e| ServerError::Metrics(e.to_string()))?
+        .set_buckets_for_metric(
+            Matcher::Full("etcd_network_peer_round_trip_time_seconds".into()),
+            &rtt,
+        )
         .map_err(|e| ServerError::Metrics(e.to_string()))?
         .install_recorder()
         .map_err(|e| ServerError::Metrics(e.to_string()))

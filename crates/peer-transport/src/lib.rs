@@ -15,10 +15,10 @@ mod service;
 mod snapshot;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use oxcd_proto::oxcdpeerpb::raft_peer_client::RaftPeerClient;
-use oxcd_proto::oxcdpeerpb::{PeerHeader, RaftBatch};
+use oxcd_proto::oxcdpeerpb::{MembersRequest, PeerHeader, RaftBatch};
 use protobuf::Message as _;
 use raft_node::Message;
 use tokio::sync::mpsc;
@@ -143,7 +143,10 @@ async fn run_peer(header: PeerHeader, book: AddressBook, mut rx: mpsc::Receiver<
                 continue;
             }
         };
-        match stream_to(client, header, &mut rx).await {
+        let prober = tokio::spawn(probe(client.clone(), to));
+        let end = stream_to(client, header, &mut rx).await;
+        prober.abort();
+        match end {
             StreamEnd::QueueClosed => return,
             StreamEnd::Broken(why) => {
                 tracing::debug!(peer = %format!("{to:x}"), why, "peer stream ended; reconnecting");
@@ -152,6 +155,26 @@ async fn run_peer(header: PeerHeader, book: AddressBook, mut rx: mpsc::Receiver<
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
+        }
+    }
+}
+
+/// How often a connected peer's round trip is measured (etcd's prober: every few seconds).
+const PROBE_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Measures the round trip of a small request on the peer connection, as etcd's prober does,
+/// for etcd_network_peer_round_trip_time_seconds{To}. Runs while the peer's stream is up.
+async fn probe(mut client: RaftPeerClient<tonic::transport::Channel>, to: u64) {
+    let rtt = metrics::histogram!(
+        "etcd_network_peer_round_trip_time_seconds",
+        "To" => format!("{to:x}")
+    );
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let started = Instant::now();
+        if client.members(MembersRequest {}).await.is_ok() {
+            rtt.record(started.elapsed().as_secs_f64());
         }
     }
 }
