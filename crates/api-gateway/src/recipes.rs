@@ -50,15 +50,44 @@ struct Recipes {
     hub: WatchHub,
 }
 
+/// How long a recipe step keeps retrying while the cluster has no leader.
+const LEADERLESS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs `op` again while it fails with Unavailable (no leader, leader changed, timeout), as
+/// etcd's recipes do through their client's retries: a contender waiting for a lock should
+/// outlive a leader election. Every step retried this way is idempotent (reads, txns guarded
+/// by a create-revision compare).
+async fn through_elections<T, F, Fut>(mut op: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        match op().await {
+            Err(e) if e.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e.message(), "recipe step retried");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Recipes {
     async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Status> {
-        let out = self
-            .gw
-            .propose(InternalRaftRequest {
-                txn: Some(txn),
-                ..Default::default()
-            })
-            .await?;
+        let out = through_elections(|| async {
+            Ok(self
+                .gw
+                .propose(InternalRaftRequest {
+                    txn: Some(txn.clone()),
+                    ..Default::default()
+                })
+                .await?)
+        })
+        .await?;
         match out {
             ApplyResponse::Txn(mut r) => {
                 self.gw.headers().fill(&mut r.header, 0);
@@ -69,7 +98,7 @@ impl Recipes {
     }
 
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
-        Ok(self.gw.range(&req).await?)
+        through_elections(|| async { Ok(self.gw.range(&req).await?) }).await
     }
 
     /// The oldest (`first`) or newest key under `prefix`, optionally created at or below
