@@ -512,6 +512,16 @@ impl CtlOutput {
             .unwrap_or_else(|e| panic!("etcdctl output is not JSON ({e}): {self:#?}"))
     }
 
+    /// Every `Error: ...` line of stderr (which also carries client log lines with
+    /// timestamps), joined; empty when there is none. For transcripts that compare outputs.
+    pub fn error_lines(&self) -> String {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("Error:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The `Error: ...` line etcdctl prints on failure; panics if the command succeeded.
     #[track_caller]
     pub fn error(&self) -> String {

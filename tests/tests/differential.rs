@@ -89,12 +89,7 @@ fn run(bin: &Path) -> Vec<String> {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let out = etcdctl(&server.endpoint(), &args, stdin.as_deref());
             // stderr also carries client-side log lines with timestamps: only the error counts.
-            let error = out
-                .stderr
-                .lines()
-                .filter(|l| l.starts_with("Error:"))
-                .collect::<Vec<_>>()
-                .join("\n");
+            let error = out.error_lines();
             format!(
                 "$ etcdctl {}\nexit: {:?}\n{}error: {}\n",
                 args.join(" "),

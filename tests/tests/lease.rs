@@ -255,12 +255,7 @@ fn run_lease_script(bin: &Path) -> Vec<String> {
     let mut transcript = Vec::new();
     let mut step = |args: &[&str], ids: &mut Vec<String>| -> String {
         let out = etcdctl(&ep, args, None);
-        let error = out
-            .stderr
-            .lines()
-            .filter(|l| l.starts_with("Error:"))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let error = out.error_lines();
         let line = format!(
             "$ etcdctl {}\nexit: {:?}\n{}error: {}\n",
             normalize_lease_ids(&args.join(" "), ids),

@@ -43,12 +43,7 @@ fn big_value() -> String {
 /// The parts of an etcdctl run that must match etcd: exit code, stdout, the `Error:` line
 /// (stderr also carries client log lines with timestamps).
 fn shown(out: &CtlOutput) -> String {
-    let error = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("Error:"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let error = out.error_lines();
     format!("exit: {:?}\n{}error: {}\n", out.code, out.stdout, error)
 }
 
