@@ -204,7 +204,12 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         .with_leases(leases.clone())
         .with_membership(membership.clone())
         .with_alarms(alarms.clone(), Quota::from_flag(cfg.quota_backend_bytes))
-        .with_snapshots(snapshot_fetch(&identity, book.clone(), rt.handle().clone()));
+        .with_snapshots(snapshot_fetch(
+            &identity,
+            book.clone(),
+            membership.clone(),
+            rt.handle().clone(),
+        ));
     let applier_thread = std::thread::Builder::new()
         .name("applier".into())
         .spawn(move || applier.run(committed_rx))?;
@@ -511,21 +516,34 @@ async fn listen(
 }
 
 /// A member behind the leader's compacted log fetches the leader's state over the peer
-/// transport (from the applier's thread, which waits for it).
+/// transport (from the applier's thread, which waits for it). If the leader cannot serve it
+/// (it died or stepped down meanwhile), any other member that applied at least as far can.
 fn snapshot_fetch(
     identity: &Identity,
     book: AddressBook,
+    membership: Membership,
     rt: tokio::runtime::Handle,
 ) -> applier::SnapshotFetch {
     let (me, cluster_id) = (identity.member_id, identity.cluster_id);
     Box::new(move |index, from| {
-        let header = oxcd_proto::oxcdpeerpb::PeerHeader {
-            cluster_id,
-            from: me,
-            to: from,
-        };
-        rt.block_on(peer_transport::fetch_snapshot(&book, header, index))
-            .map_err(|e| e.to_string())
+        let others = membership
+            .list()
+            .into_iter()
+            .map(|m| m.id)
+            .filter(|id| *id != me && *id != from);
+        let mut last = String::from("no member to fetch a snapshot from");
+        for to in std::iter::once(from).chain(others) {
+            let header = oxcd_proto::oxcdpeerpb::PeerHeader {
+                cluster_id,
+                from: me,
+                to,
+            };
+            match rt.block_on(peer_transport::fetch_snapshot(&book, header, index)) {
+                Ok(pairs) => return Ok(pairs),
+                Err(e) => last = format!("from {to:x}: {e}"),
+            }
+        }
+        Err(last)
     })
 }
 
