@@ -224,16 +224,8 @@ impl Applier {
         self.store.install(pairs).map_err(|e| e.to_string())?;
         if let Some(leases) = &self.leases {
             block_on(leases.reload()).map_err(|e| e.to_string())?;
-            let all = self
-                .store
-                .range(&oxcd_proto::etcdserverpb::RangeRequest {
-                    key: vec![0],
-                    range_end: vec![0],
-                    ..Default::default()
-                })
-                .map_err(|e| e.to_string())?;
-            for kv in all.kvs.into_iter().filter(|kv| kv.lease != 0) {
-                let _ = block_on(leases.attach(kv.lease, kv.key));
+            for (lease, key) in self.store.leased_keys().map_err(|e| e.to_string())? {
+                let _ = block_on(leases.attach(lease, key));
             }
         }
         if let Some(m) = &self.membership {
@@ -312,10 +304,11 @@ impl Applier {
         let Some((alarms, quota)) = self.alarms.clone() else {
             return self.apply_request(index, &req);
         };
+        let cost = request_cost(&req);
         // etcd's corrupt and capped appliers: the entry is consumed, nothing changes.
         let refused = if alarms.active(AlarmType::Corrupt) && writes(&req) {
             Some(ApplyError::Corrupt)
-        } else if alarms.active(AlarmType::Nospace) && request_cost(&req) > 0 {
+        } else if alarms.active(AlarmType::Nospace) && cost > 0 {
             Some(ApplyError::NoSpace)
         } else {
             None
@@ -327,7 +320,6 @@ impl Applier {
         // etcd's quota applier: a write that finds the backend over the quota is applied all
         // the same (every member must apply the same log), but its proposer is told NOSPACE
         // and this member raises its alarm.
-        let cost = request_cost(&req);
         let over =
             cost > 0 && quota.limit().is_some() && !quota.available(self.store.db_size(), cost);
         let outcome = self.apply_request(index, &req);

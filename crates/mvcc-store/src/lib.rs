@@ -332,6 +332,22 @@ impl MvccStore {
         self.shared.applied.load(Ordering::Acquire)
     }
 
+    /// (lease, key) of every live key written with a lease: what the lessor must re-attach
+    /// after a restart or a snapshot install.
+    pub fn leased_keys(&self) -> Result<Vec<(i64, Vec<u8>)>, MvccError> {
+        let all = self.range(&RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        })?;
+        Ok(all
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.lease != 0)
+            .map(|kv| (kv.lease, kv.key))
+            .collect())
+    }
+
     pub fn keys_total(&self) -> usize {
         self.shared.state.read().index.live_keys()
     }

@@ -20,7 +20,7 @@ use mvcc_store::{KvEngine, MvccStore, RocksEngine};
 use oxcd_proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer, InternalRaftRequest,
-    LeaseCheckpoint, LeaseCheckpointRequest, Member, MemberAttrSetRequest, RangeRequest,
+    LeaseCheckpoint, LeaseCheckpointRequest, Member, MemberAttrSetRequest,
 };
 use oxcd_proto::oxcdpeerpb::raft_peer_server::RaftPeerServer;
 use oxcd_proto::v3electionpb::election_server::ElectionServer;
@@ -576,14 +576,9 @@ fn open_lessor(
         Box::new(EngineLeaseStore::new(engine)),
     )
     .map_err(|e| ServerError::Lease(e.to_string()))?;
-    let all = store.range(&RangeRequest {
-        key: vec![0],
-        range_end: vec![0],
-        ..Default::default()
-    })?;
-    for kv in all.kvs.into_iter().filter(|kv| kv.lease != 0) {
-        if lessor.attach(kv.lease, &kv.key).is_err() {
-            tracing::warn!(lease = %format!("{:x}", kv.lease), "key names a lease that no longer exists");
+    for (lease, key) in store.leased_keys()? {
+        if lessor.attach(lease, &key).is_err() {
+            tracing::warn!(lease = %format!("{lease:x}"), "key names a lease that no longer exists");
         }
     }
     Ok(lessor)
