@@ -396,3 +396,52 @@ async fn grpc_calls_are_counted_by_method_and_code() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// oxcd's own per-layer figures: the bound and depth of every channel between the layers, and
+/// how far applying trails committing (zero once the server is idle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_figures_show_channel_depths_and_apply_lag() {
+    if oxcd_tests::server_is_etcd() {
+        return;
+    }
+    let s = Server::start();
+    let mut c = connect(&s).await;
+    for i in 0..200 {
+        c.put(format!("k{i}"), "v", None).await.expect("put");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(&s);
+        for (channel, bound) in [
+            ("proposals", 8192.0),
+            ("committed", 1024.0),
+            ("events", 1024.0),
+            ("lease_ticks", 16.0),
+        ] {
+            let labels = [("channel", channel)];
+            assert_eq!(
+                m.value("oxcd_channel_capacity", &labels),
+                bound,
+                "{channel}"
+            );
+            let depth = m.value("oxcd_channel_depth", &labels);
+            assert!((0.0..=bound).contains(&depth), "{channel}: {depth}");
+        }
+        assert_eq!(
+            m.types.get("oxcd_apply_lag_entries").map(String::as_str),
+            Some("gauge")
+        );
+        // Sampled every 500 ms: wait for a sample taken after the last put was applied.
+        if m.value("oxcd_apply_lag_entries", &[]) == 0.0
+            && m.value("oxcd_channel_depth", &[("channel", "committed")]) == 0.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "apply lag never reached 0:\n{}",
+            m.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

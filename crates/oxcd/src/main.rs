@@ -11,6 +11,7 @@ mod grpc_metrics;
 mod h2_authority;
 mod http;
 mod ids;
+mod layer_metrics;
 mod process_metrics;
 mod server;
 mod snapshot_restore;

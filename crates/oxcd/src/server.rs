@@ -35,6 +35,7 @@ use crate::config::{parse_url, split_urls, Config, ConfigError};
 use crate::datadir::{DataDir, DataDirError, Identity};
 use crate::http::{self, HttpState};
 use crate::ids;
+use crate::layer_metrics::LayerGauges;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -154,6 +155,12 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let (raft_tx, raft_rx) = mpsc::channel(8192);
     let (committed_tx, committed_rx) = mpsc::channel(1024);
     let (applied_tx, applied_rx) = tokio_watch::channel(applied);
+    // Bounded: a hub that falls behind slows applying rather than growing memory.
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let gauges = LayerGauges::new()
+        .channel("proposals", &raft_tx)
+        .channel("committed", &committed_tx)
+        .channel("events", &events_tx);
 
     let election_tick = (cfg.election_timeout / cfg.heartbeat_interval.max(1)).max(2) as usize;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -194,8 +201,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         Arc::new(applier::StoreStateMachine(store.clone())),
     )?;
 
-    // Bounded: a hub that falls behind slows applying rather than growing memory.
-    let (events_tx, events_rx) = mpsc::channel(1024);
     let (leases, _lease_task) = {
         let _in_runtime = rt.enter();
         LeaseHandle::spawn(lessor, 1024)
@@ -232,6 +237,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         alarms,
         book,
         compaction,
+        gauges,
     ));
     // Every sender to raft-node is gone once serve returns: the Ready loop ends, which closes
     // the committed channel, which ends the applier.
@@ -257,6 +263,7 @@ async fn serve(
     alarms: Alarms,
     book: AddressBook,
     compaction: Option<auto_compaction::Policy>,
+    gauges: LayerGauges,
 ) -> Result<(), ServerError> {
     let headers = HeaderSource::new(identity.cluster_id, identity.member_id);
     let limits = Limits {
@@ -345,7 +352,9 @@ async fn serve(
             is_learner: false,
         },
     ));
-    tokio::spawn(report_status(gw.clone(), store));
+    let (tick_tx, tick_rx) = mpsc::channel(16);
+    let gauges = gauges.channel("lease_ticks", &tick_tx);
+    tokio::spawn(report_status(gw.clone(), store, gauges));
     tokio::spawn(gw.clone().raise_alarms());
     tokio::spawn(lease_leadership(
         gw.clone(),
@@ -356,7 +365,6 @@ async fn serve(
         let compactor = auto_compaction::GatewayCompactor::new(gw.clone());
         tokio::spawn(auto_compaction::run(policy, compactor));
     }
-    let (tick_tx, tick_rx) = mpsc::channel(16);
     leases.spawn_ticker(TickerConfig::default(), tick_tx);
     tokio::spawn(propose_lease_ticks(gw.clone(), tick_rx));
     tracing::info!("ready to serve client requests");
@@ -637,15 +645,15 @@ async fn propose_lease_ticks(gw: Gateway, mut ticks: mpsc::Receiver<LeaseTick>) 
 }
 
 /// Keeps header terms and the gauges dashboards read up to date.
-async fn report_status(gw: Gateway, store: MvccStore) {
+async fn report_status(gw: Gateway, store: MvccStore, gauges: LayerGauges) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        if let Ok(status) = gw.raft_status().await {
-            gw.headers().set_term(status.term);
-        } else {
+        let Ok(status) = gw.raft_status().await else {
             return;
-        }
+        };
+        gw.headers().set_term(status.term);
+        gauges.sample(status.commit_index, store.applied_index());
         metrics::gauge!("etcd_mvcc_db_total_size_in_bytes").set(store.db_size() as f64);
         metrics::gauge!("etcd_mvcc_db_total_size_in_use_in_bytes")
             .set(store.db_size_in_use() as f64);
