@@ -4,13 +4,16 @@
 //! addressee's bounded queue; one task per peer drains it onto a long-lived client stream
 //! (`oxcdpeerpb.RaftPeer/Stream`), batching what is queued, and reconnects with backoff when
 //! the stream breaks. Reads: [`RaftPeerService`] accepts those streams from other members and
-//! hands each message to raft-node's command channel as `RaftCommand::Step`.
+//! hands each message to raft-node's command channel as `RaftCommand::Step`. Beside the
+//! stream, members ask each other for their member list, whole-state snapshots and hashes of
+//! their key-value history (for the corruption checks).
 //!
 //! Raft tolerates lost messages (it retries), so a full queue or a dead peer drops messages
 //! instead of blocking the Ready loop. Every stream opens with a header naming the cluster; a
 //! member of another cluster is refused before any message reaches raft.
 
 mod address;
+mod hash;
 mod service;
 mod snapshot;
 
@@ -25,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use address::AddressBook;
+pub use hash::{fetch_hash_kv, HashKvError, HashSource};
 pub use service::{MemberSource, RaftPeerService};
 pub use snapshot::{fetch_snapshot, parse_records, put_record, SnapshotSource};
 

@@ -3,15 +3,17 @@
 use oxcd_proto::oxcdpeerpb::raft_peer_server::RaftPeer;
 use std::sync::Arc;
 
-use oxcd_proto::etcdserverpb::Member;
+use oxcd_proto::etcdserverpb::{HashKvResponse, Member};
 use oxcd_proto::oxcdpeerpb::{
-    MembersRequest, MembersResponse, RaftBatch, SnapshotChunk, SnapshotRequest, StreamAck,
+    HashKvRequest, MembersRequest, MembersResponse, RaftBatch, SnapshotChunk, SnapshotRequest,
+    StreamAck,
 };
 use raft_node::RaftCommand;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::decode_message;
+use crate::hash::{self, HashSource};
 use crate::snapshot::{self, SnapshotSource};
 
 /// The member list this member serves to a joining member.
@@ -23,6 +25,7 @@ pub struct RaftPeerService<R> {
     raft: mpsc::Sender<RaftCommand<R>>,
     members: MemberSource,
     snapshots: Option<Arc<dyn SnapshotSource>>,
+    hashes: Option<Arc<dyn HashSource>>,
 }
 
 impl<R> RaftPeerService<R> {
@@ -38,6 +41,7 @@ impl<R> RaftPeerService<R> {
             raft,
             members,
             snapshots: None,
+            hashes: None,
         }
     }
 
@@ -45,6 +49,12 @@ impl<R> RaftPeerService<R> {
     /// from its log.
     pub fn with_snapshots(mut self, source: Arc<dyn SnapshotSource>) -> Self {
         self.snapshots = Some(source);
+        self
+    }
+
+    /// Answers peers' corruption checks with hashes of `source`.
+    pub fn with_hashes(mut self, source: Arc<dyn HashSource>) -> Self {
+        self.hashes = Some(source);
         self
     }
 
@@ -84,6 +94,21 @@ impl<R: Send + 'static> RaftPeer for RaftPeerService<R> {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             snapshot::serve(source, req.min_applied),
         )))
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let req = req.into_inner();
+        self.admit(req.header.as_ref())?;
+        let source = self
+            .hashes
+            .clone()
+            .ok_or_else(|| Status::unavailable("this member serves no hashes"))?;
+        hash::serve(source, self.cluster_id, self.me, req.revision)
+            .await
+            .map(Response::new)
     }
 
     async fn members(

@@ -123,3 +123,69 @@ fn message_encoding_round_trips() {
     assert_eq!(back, m);
     assert!(decode_message(&[0xff, 0xff, 0xff]).is_err());
 }
+
+/// Hashes as a store at revision 10, compacted at 4, would give them.
+struct FakeHashes;
+
+impl HashSource for FakeHashes {
+    fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64), HashKvError> {
+        match revision {
+            0 => Ok((1000, 4, 10)),
+            r if r <= 4 => Err(HashKvError::Compacted),
+            r if r > 10 => Err(HashKvError::FutureRevision),
+            r => Ok((1000 + r as u32, 4, r)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_kv_answers_members_of_the_cluster_only() {
+    let (tx, _rx) = mpsc::channel::<Cmd>(16);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let svc = RaftPeerService::new(2, 7, tx, Arc::new(Vec::new)).with_hashes(Arc::new(FakeHashes));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RaftPeerServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let book = AddressBook::new();
+    book.set(2, vec![url]);
+    let header = |cluster_id, to| PeerHeader {
+        cluster_id,
+        from: 1,
+        to,
+    };
+    let t = Duration::from_secs(5);
+
+    let r = fetch_hash_kv(&book, header(7, 2), 7, t).await.unwrap();
+    assert_eq!((r.hash, r.compact_revision, r.hash_revision), (1007, 4, 7));
+    let h = r.header.unwrap();
+    assert_eq!((h.member_id, h.cluster_id, h.revision), (2, 7, 7));
+    let newest = fetch_hash_kv(&book, header(7, 2), 0, t).await.unwrap();
+    assert_eq!(newest.header.unwrap().revision, 10);
+
+    assert_eq!(
+        fetch_hash_kv(&book, header(7, 2), 3, t).await,
+        Err(HashKvError::Compacted)
+    );
+    assert_eq!(
+        fetch_hash_kv(&book, header(7, 2), 11, t).await,
+        Err(HashKvError::FutureRevision)
+    );
+    // Another cluster, or a request meant for another member, is refused.
+    for refused in [header(8, 2), header(7, 3)] {
+        book.set(refused.to, book.get(2).unwrap());
+        match fetch_hash_kv(&book, refused, 7, t).await {
+            Err(HashKvError::Failed(m)) => {
+                assert!(m.contains("mismatch") || m.contains("reached"), "{m}")
+            }
+            other => panic!("{refused:?} answered: {other:?}"),
+        }
+    }
+    // A member nobody listens for fails within the timeout.
+    assert!(matches!(
+        fetch_hash_kv(&book, header(7, 9), 7, t).await,
+        Err(HashKvError::Failed(_))
+    ));
+}
