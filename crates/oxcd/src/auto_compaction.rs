@@ -279,7 +279,7 @@ fn is_compacted(message: &str) -> bool {
 
 /// Go's `time.ParseDuration`, with its error texts: a signed sequence of decimal numbers, each
 /// with an optional fraction and a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`). Nanoseconds.
-fn parse_go_duration(orig: &str) -> Result<i64, String> {
+pub(crate) fn parse_go_duration(orig: &str) -> Result<i64, String> {
     const LIMIT: u64 = 1 << 63;
     let invalid = || format!("time: invalid duration {orig:?}");
     let mut s = orig;

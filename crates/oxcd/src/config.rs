@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
@@ -117,6 +118,14 @@ pub struct Config {
     #[arg(long, env = "ETCD_PRE_VOTE", default_value = "true", action = ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
     pub pre_vote: bool,
+    /// Check data corruption before serving any client or peer traffic.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", default_value = "false",
+          action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub experimental_initial_corrupt_check: bool,
+    /// Duration of time between cluster corruption check passes (0: no periodic check).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0s",
+          value_parser = parse_duration)]
+    pub experimental_corrupt_check_time: Duration,
     /// Print the version and exit.
     #[arg(long, action = ArgAction::SetTrue)]
     pub version: bool,
@@ -207,8 +216,6 @@ accepted_flags! {
     bcrypt_cost, "ETCD_BCRYPT_COST", value;
     auth_token_ttl, "ETCD_AUTH_TOKEN_TTL", value;
     enable_grpc_gateway, "ETCD_ENABLE_GRPC_GATEWAY", bool;
-    experimental_initial_corrupt_check, "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", bool;
-    experimental_corrupt_check_time, "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", value;
     experimental_enable_lease_checkpoint, "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", bool;
     experimental_compaction_batch_limit, "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT", value;
     experimental_watch_progress_notify_interval, "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", value;
@@ -353,6 +360,15 @@ pub fn initial_members(
     Ok((members, me.1.clone()))
 }
 
+/// A Go duration flag (`1s`, `1m30s`, `0`). A negative one is refused: etcd would run its
+/// timer loop without pause.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let nanos = crate::auto_compaction::parse_go_duration(s)?;
+    u64::try_from(nanos)
+        .map(Duration::from_nanos)
+        .map_err(|_| format!("negative duration {s:?}"))
+}
+
 pub fn split_urls(list: &str) -> Vec<String> {
     list.split(',')
         .map(str::trim)
@@ -432,6 +448,23 @@ mod tests {
             c.accepted.set_flags(),
             vec!["max-wals".to_string(), "enable-v2".to_string()]
         );
+    }
+
+    #[test]
+    fn corrupt_check_flags() {
+        let c = parse(&[]).unwrap();
+        assert!(!c.experimental_initial_corrupt_check);
+        assert!(c.experimental_corrupt_check_time.is_zero());
+        let c = parse(&[
+            "--experimental-initial-corrupt-check",
+            "--experimental-corrupt-check-time=1m30s",
+        ])
+        .unwrap();
+        assert!(c.experimental_initial_corrupt_check);
+        assert_eq!(c.experimental_corrupt_check_time, Duration::from_secs(90));
+        assert!(c.accepted.set_flags().is_empty());
+        assert!(parse(&["--experimental-corrupt-check-time=5"]).is_err());
+        assert!(parse(&["--experimental-corrupt-check-time=-1s"]).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod auto_compaction;
 mod config;
+mod corrupt_check;
 mod datadir;
 mod dump_logs;
 mod grpc_metrics;

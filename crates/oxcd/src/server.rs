@@ -32,6 +32,7 @@ use watch::{WatchConfig, WatchHub};
 
 use crate::auto_compaction;
 use crate::config::{parse_url, split_urls, Config, ConfigError};
+use crate::corrupt_check;
 use crate::datadir::{DataDir, DataDirError, Identity};
 use crate::http::{self, HttpState};
 use crate::ids;
@@ -55,6 +56,8 @@ pub enum ServerError {
     Lease(String),
     #[error(transparent)]
     Alarms(#[from] applier::AlarmError),
+    #[error(transparent)]
+    Corrupt(#[from] corrupt_check::CorruptError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -101,7 +104,9 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let mut initial_members = initial_members;
     let mut raft_voters: Vec<u64> = initial_members.iter().map(|m| m.id).collect();
     let mut raft_learners = Vec::new();
-    let identity = match dd.identity()? {
+    let saved = dd.identity()?;
+    let had_data = saved.is_some();
+    let identity = match saved {
         Some(id) => id,
         None if cfg.initial_cluster_state == "existing" => {
             let (id, members) = join_existing(&cluster, &my_peer_urls, &cfg.name)?;
@@ -170,6 +175,12 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let book = AddressBook::new();
     for m in membership.list() {
         book.set(m.id, m.peer_ur_ls);
+    }
+    if cfg.experimental_initial_corrupt_check && had_data {
+        // As etcd: before raft starts and before peers or clients are served.
+        let timeout = request_timeout(&cfg);
+        let peers = corrupt_check::StorePeers::new(&identity, &store, &membership, &book, timeout);
+        rt.block_on(corrupt_check::initial(&peers))?;
     }
     let transport = PeerTransport::new(
         identity.member_id,
@@ -269,7 +280,7 @@ async fn serve(
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes as usize,
         max_txn_ops: cfg.max_txn_ops as usize,
-        request_timeout: Duration::from_millis(5000 + 2 * cfg.election_timeout),
+        request_timeout: request_timeout(cfg),
         quota: Quota::from_flag(cfg.quota_backend_bytes),
     };
     let gw = Gateway::new(
@@ -332,7 +343,8 @@ async fn serve(
                 raft_tx,
                 Arc::new(move || listed.list()),
             )
-            .with_snapshots(Arc::new(StoreSnapshots(store.clone()))),
+            .with_snapshots(Arc::new(StoreSnapshots(store.clone())))
+            .with_hashes(Arc::new(corrupt_check::StoreHashes(store.clone()))),
         )
         .max_decoding_message_size(usize::MAX),
     )
@@ -340,6 +352,16 @@ async fn serve(
     .fallback(http::fallback);
     for addr in listeners.peer {
         servers.push(listen(addr, peer_app.clone(), stop_rx.clone()).await?);
+    }
+    if !cfg.experimental_corrupt_check_time.is_zero() {
+        let timeout = request_timeout(cfg);
+        let peers = corrupt_check::StorePeers::new(&identity, &store, &membership, &book, timeout);
+        let leader = corrupt_check::GatewayLeader {
+            peers,
+            gw: gw.clone(),
+        };
+        let every = cfg.experimental_corrupt_check_time;
+        tokio::spawn(corrupt_check::run(every, leader));
     }
     tokio::spawn(mirror_addresses(membership.clone(), book));
     tokio::spawn(publish_attributes(
@@ -381,6 +403,11 @@ async fn serve(
         let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
     }
     Ok(())
+}
+
+/// etcd's request timeout: 5 s plus two election timeouts.
+fn request_timeout(cfg: &Config) -> Duration {
+    Duration::from_millis(5000 + 2 * cfg.election_timeout)
 }
 
 /// Resolves once the applied membership no longer lists this member (MemberRemove).
