@@ -413,8 +413,15 @@ impl Server {
     /// Starts the same server again (same data dir, ports and flags) once the previous
     /// process has exited, and waits until it is healthy.
     pub fn restart(&mut self) {
+        self.respawn();
+        self.wait_healthy(START_TIMEOUT);
+    }
+
+    /// Starts the server again from its (possibly changed, see [`Server::spec_mut`]) spec once
+    /// the previous process has exited, without waiting for it.
+    pub fn respawn(&mut self) {
         if self.try_wait().is_none() {
-            panic!("restart() called while the server is still running");
+            panic!("respawn() called while the server is still running");
         }
         // One log file per run, so output() shows the current run only.
         self.run += 1;
@@ -425,7 +432,11 @@ impl Server {
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot restart {}: {e}", self.spec.bin.display())),
         );
-        self.wait_healthy(START_TIMEOUT);
+    }
+
+    /// The spec the next [`Server::respawn`] starts from.
+    pub fn spec_mut(&mut self) -> &mut ServerSpec {
+        &mut self.spec
     }
 }
 

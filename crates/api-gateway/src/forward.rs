@@ -29,7 +29,7 @@ pub async fn leader_channel(gw: &Gateway) -> Result<Channel, StatusError> {
             .connect_timeout(Duration::from_secs(1))
             .timeout(gw.limits().request_timeout)
             .tcp_nodelay(true);
-        if let Ok(ch) = ep.connect().await {
+        if let Ok(ch) = ep.connect_with_connector(gw.leader_dialer()).await {
             return Ok(ch);
         }
     }

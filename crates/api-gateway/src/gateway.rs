@@ -60,6 +60,8 @@ struct Inner {
     members: Membership,
     alarms: Alarms,
     next_id: AtomicU64,
+    /// Dials the leader's client URLs for forwarded requests (TLS for `https://` ones).
+    leader_dialer: oxcd_tls::Connector,
 }
 
 impl Gateway {
@@ -93,8 +95,22 @@ impl Gateway {
                 members,
                 alarms,
                 next_id: AtomicU64::new(first),
+                leader_dialer: oxcd_tls::Connector::default(),
             }),
         }
+    }
+
+    /// Forwarded requests dial the leader with `dialer`. Set once, before the gateway is cloned.
+    pub fn with_leader_dialer(mut self, dialer: oxcd_tls::Connector) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.leader_dialer = dialer,
+            None => tracing::error!("leader dialer set after the gateway was shared; ignored"),
+        }
+        self
+    }
+
+    pub(crate) fn leader_dialer(&self) -> oxcd_tls::Connector {
+        self.inner.leader_dialer.clone()
     }
 
     pub fn store(&self) -> &MvccStore {

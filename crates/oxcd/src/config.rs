@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use oxcd_tls::TlsInfo;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -130,7 +131,7 @@ pub struct Config {
     #[arg(long, action = ArgAction::SetTrue)]
     pub version: bool,
 
-    // Client and peer TLS: not served yet; refusing beats silently serving plaintext.
+    // Client and peer TLS (see crate::tls_setup for how they combine, as in etcd).
     #[arg(long, env = "ETCD_CERT_FILE", default_value = "")]
     pub cert_file: String,
     #[arg(long, env = "ETCD_KEY_FILE", default_value = "")]
@@ -233,8 +234,6 @@ pub enum ConfigError {
         url: String,
         reason: String,
     },
-    #[error("--{flag} is set, but oxcd does not serve TLS yet; refusing to start rather than serve plaintext")]
-    TlsUnsupported { flag: &'static str },
     #[error("couldn't find local name {name:?} in the initial cluster configuration")]
     NameNotInCluster { name: String },
     #[error("--initial-cluster has an invalid entry {0:?} (want name=peerURL)")]
@@ -267,26 +266,26 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
     }
 
-    pub fn refuse_unsupported(&self) -> Result<(), ConfigError> {
-        let tls: [(&'static str, bool); 10] = [
-            ("cert-file", !self.cert_file.is_empty()),
-            ("key-file", !self.key_file.is_empty()),
-            ("trusted-ca-file", !self.trusted_ca_file.is_empty()),
-            ("client-cert-auth", self.client_cert_auth),
-            ("auto-tls", self.auto_tls),
-            ("peer-cert-file", !self.peer_cert_file.is_empty()),
-            ("peer-key-file", !self.peer_key_file.is_empty()),
-            (
-                "peer-trusted-ca-file",
-                !self.peer_trusted_ca_file.is_empty(),
-            ),
-            ("peer-client-cert-auth", self.peer_client_cert_auth),
-            ("peer-auto-tls", self.peer_auto_tls),
-        ];
-        if let Some((flag, _)) = tls.iter().find(|(_, set)| *set) {
-            return Err(ConfigError::TlsUnsupported { flag });
+    /// What the client TLS flags say (`--auto-tls` is resolved later, with the data dir).
+    pub fn client_tls(&self) -> TlsInfo {
+        TlsInfo {
+            cert_file: non_empty(&self.cert_file),
+            key_file: non_empty(&self.key_file),
+            trusted_ca_file: non_empty(&self.trusted_ca_file),
+            client_cert_auth: self.client_cert_auth,
+            self_signed: false,
         }
-        Ok(())
+    }
+
+    /// What the peer TLS flags say (`--peer-auto-tls` is resolved later).
+    pub fn peer_tls(&self) -> TlsInfo {
+        TlsInfo {
+            cert_file: non_empty(&self.peer_cert_file),
+            key_file: non_empty(&self.peer_key_file),
+            trusted_ca_file: non_empty(&self.peer_trusted_ca_file),
+            client_cert_auth: self.peer_client_cert_auth,
+            self_signed: false,
+        }
     }
 
     /// `--initial-cluster`, defaulting like etcd to this member's name and advertised peer URLs.
@@ -377,7 +376,7 @@ pub fn split_urls(list: &str) -> Vec<String> {
         .collect()
 }
 
-/// Resolves `http://host:port` to socket addresses (`localhost` may give both families).
+/// Resolves `http://host:port` or `https://host:port` to socket addresses (`localhost` may give both families).
 pub fn parse_url(flag: &'static str, url: &str) -> Result<Vec<SocketAddr>, ConfigError> {
     let bad = |reason: &str| ConfigError::BadUrl {
         flag,
@@ -386,12 +385,12 @@ pub fn parse_url(flag: &'static str, url: &str) -> Result<Vec<SocketAddr>, Confi
     };
     let rest = if let Some(r) = url.strip_prefix("http://") {
         r
-    } else if url.starts_with("https://") {
-        return Err(bad("https needs TLS, which oxcd does not serve yet"));
+    } else if let Some(r) = url.strip_prefix("https://") {
+        r
     } else if url.starts_with("unix://") || url.starts_with("unixs://") {
         return Err(bad("unix sockets are not supported"));
     } else {
-        return Err(bad("URL scheme must be http"));
+        return Err(bad("URL scheme must be http or https"));
     };
     let hostport = rest.trim_end_matches('/');
     if !hostport.contains(':') || hostport.ends_with(']') {
@@ -406,6 +405,15 @@ pub fn parse_url(flag: &'static str, url: &str) -> Result<Vec<SocketAddr>, Confi
         return Err(bad("host resolves to no address"));
     }
     Ok(addrs)
+}
+
+fn non_empty(path: &str) -> Option<PathBuf> {
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
+/// Whether a URL is served or dialed with TLS.
+pub fn is_https(url: &str) -> bool {
+    url.starts_with("https://")
 }
 
 #[cfg(test)]
@@ -471,17 +479,18 @@ mod tests {
     fn go_style_booleans() {
         assert!(!parse(&["--pre-vote=false"]).unwrap().pre_vote);
         assert!(parse(&["--pre-vote"]).unwrap().pre_vote);
-        let c = parse(&["--client-cert-auth"]).unwrap();
-        assert!(matches!(
-            c.refuse_unsupported(),
-            Err(ConfigError::TlsUnsupported { .. })
-        ));
+        let c = parse(&["--client-cert-auth", "--cert-file=/c.pem"]).unwrap();
+        assert!(c.client_tls().client_cert_auth);
+        assert_eq!(c.client_tls().cert_file, Some(PathBuf::from("/c.pem")));
+        assert_eq!(c.client_tls().key_file, None);
+        assert!(c.peer_tls().is_empty());
     }
 
     #[test]
     fn urls() {
         assert!(parse_url("x", "http://127.0.0.1:2379").is_ok());
-        assert!(parse_url("x", "https://127.0.0.1:2379").is_err());
+        assert!(parse_url("x", "https://127.0.0.1:2379").is_ok());
+        assert!(parse_url("x", "unix://127.0.0.1:2379").is_err());
         assert!(parse_url("x", "http://127.0.0.1").is_err());
         assert!(parse_url("x", "127.0.0.1:1").is_err());
     }

@@ -16,6 +16,7 @@ mod layer_metrics;
 mod process_metrics;
 mod server;
 mod snapshot_restore;
+mod tls_setup;
 
 use std::process::ExitCode;
 

@@ -31,12 +31,13 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 use watch::{WatchConfig, WatchHub};
 
 use crate::auto_compaction;
-use crate::config::{parse_url, split_urls, Config, ConfigError};
+use crate::config::{is_https, parse_url, split_urls, Config, ConfigError};
 use crate::corrupt_check;
 use crate::datadir::{DataDir, DataDirError, Identity};
 use crate::http::{self, HttpState};
 use crate::ids;
 use crate::layer_metrics::LayerGauges;
+use oxcd_tls::ServerConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -65,6 +66,8 @@ pub enum ServerError {
     },
     #[error("join: {0}")]
     Join(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls_setup::TlsSetupError),
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
 }
@@ -81,7 +84,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             "flag is accepted for compatibility but has no effect in oxcd yet"
         );
     }
-    cfg.refuse_unsupported()?;
     let compaction = auto_compaction::Policy::from_flags(
         &cfg.auto_compaction_mode,
         &cfg.auto_compaction_retention,
@@ -101,6 +103,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
 
     let data_dir = cfg.data_dir();
     let dd = DataDir::open(&data_dir)?;
+    let tls = crate::tls_setup::setup(&cfg, &data_dir)?;
     let mut initial_members = initial_members;
     let mut raft_voters: Vec<u64> = initial_members.iter().map(|m| m.id).collect();
     let mut raft_learners = Vec::new();
@@ -109,7 +112,8 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let identity = match saved {
         Some(id) => id,
         None if cfg.initial_cluster_state == "existing" => {
-            let (id, members) = join_existing(&cluster, &my_peer_urls, &cfg.name)?;
+            let dialer = tls.peer_dialer.clone();
+            let (id, members) = join_existing(&cluster, &my_peer_urls, &cfg.name, dialer)?;
             // raft starts from the running cluster's configuration without this member; its
             // own addition arrives in the log it receives from the leader.
             raft_voters = members
@@ -172,7 +176,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         .enable_all()
         .thread_name("oxcd")
         .build()?;
-    let book = AddressBook::new();
+    let book = AddressBook::with_connector(tls.peer_dialer.clone());
     for m in membership.list() {
         book.set(m.id, m.peer_ur_ls);
     }
@@ -243,12 +247,15 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             client: client_addrs,
             metrics: metrics_addrs,
             peer: peer_addrs,
+            client_tls: tls.client_listener.clone(),
+            peer_tls: tls.peer_listener.clone(),
         },
         membership,
         alarms,
         book,
         compaction,
         gauges,
+        tls.client_dialer,
     ));
     // Every sender to raft-node is gone once serve returns: the Ready loop ends, which closes
     // the committed channel, which ends the applier.
@@ -275,6 +282,7 @@ async fn serve(
     book: AddressBook,
     compaction: Option<auto_compaction::Policy>,
     gauges: LayerGauges,
+    leader_dialer: oxcd_tls::Connector,
 ) -> Result<(), ServerError> {
     let headers = HeaderSource::new(identity.cluster_id, identity.member_id);
     let limits = Limits {
@@ -291,7 +299,8 @@ async fn serve(
         limits,
         membership.clone(),
         alarms,
-    );
+    )
+    .with_leader_dialer(leader_dialer);
 
     let hub = WatchHub::start(
         Arc::new(StoreHistory(store.clone())),
@@ -328,11 +337,14 @@ async fn serve(
 
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
     let mut servers = Vec::new();
-    for addr in listeners.client {
-        servers.push(listen(addr, client_app.clone(), stop_rx.clone()).await?);
+    let client_tls = |https: bool| listeners.client_tls.clone().filter(|_| https);
+    for &(addr, https) in &listeners.client {
+        let app = client_app.clone();
+        servers.push(listen(addr, app, client_tls(https), stop_rx.clone()).await?);
     }
-    for addr in listeners.metrics {
-        servers.push(listen(addr, metrics_app.clone(), stop_rx.clone()).await?);
+    for &(addr, https) in &listeners.metrics {
+        let app = metrics_app.clone();
+        servers.push(listen(addr, app, client_tls(https), stop_rx.clone()).await?);
     }
     let listed = membership.clone();
     let peer_app = tonic::service::Routes::new(
@@ -350,8 +362,9 @@ async fn serve(
     )
     .into_axum_router()
     .fallback(http::fallback);
-    for addr in listeners.peer {
-        servers.push(listen(addr, peer_app.clone(), stop_rx.clone()).await?);
+    for &(addr, https) in &listeners.peer {
+        let tls = listeners.peer_tls.clone().filter(|_| https);
+        servers.push(listen(addr, peer_app.clone(), tls, stop_rx.clone()).await?);
     }
     if !cfg.experimental_corrupt_check_time.is_zero() {
         let timeout = request_timeout(cfg);
@@ -432,6 +445,7 @@ fn join_existing(
     cluster: &[(String, Vec<String>)],
     my_urls: &[String],
     my_name: &str,
+    dialer: oxcd_tls::Connector,
 ) -> Result<(Identity, Vec<Member>), ServerError> {
     let peers: Vec<String> = cluster
         .iter()
@@ -442,7 +456,7 @@ fn join_existing(
         .enable_all()
         .build()?;
     let (cluster_id, members) = rt
-        .block_on(peer_transport::fetch_members(&peers))
+        .block_on(peer_transport::fetch_members(&peers, dialer))
         .map_err(|e| ServerError::Join(format!("cannot reach the existing cluster: {e}")))?;
     let mut mine = my_urls.to_vec();
     mine.sort();
@@ -476,9 +490,13 @@ fn join_existing(
 }
 
 struct Listeners {
-    client: Vec<SocketAddr>,
-    metrics: Vec<SocketAddr>,
-    peer: Vec<SocketAddr>,
+    client: Vec<(SocketAddr, bool)>,
+    metrics: Vec<(SocketAddr, bool)>,
+    peer: Vec<(SocketAddr, bool)>,
+    /// For the client and metrics addresses marked https.
+    client_tls: Option<Arc<ServerConfig>>,
+    /// For the peer addresses marked https.
+    peer_tls: Option<Arc<ServerConfig>>,
 }
 
 /// The peer transport dials whatever the applied membership says.
@@ -523,29 +541,48 @@ async fn publish_attributes(gw: Gateway, me: Member) {
 async fn listen(
     addr: SocketAddr,
     app: axum::Router,
+    tls: Option<Arc<ServerConfig>>,
     mut stop: tokio_watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, ServerError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Listen { addr, source })?;
-    tracing::info!(%addr, "listening");
+    tracing::info!(%addr, tls = tls.is_some(), "listening");
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let served = match tls {
+        // etcdctl sends an endpoint given as http(s)://host:port whole as the :authority.
+        Some(tls) => {
+            let listener = oxcd_tls::TlsListener::new(listener, tls)
+                .map_err(|source| ServerError::Listen { addr, source })?;
+            let listener = crate::h2_authority::Lenient(listener);
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            })
+        }
+        None => {
+            // Without TCP_NODELAY, small gRPC responses wait on delayed ACKs (~40 ms each).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+            });
+            let listener = crate::h2_authority::Lenient(listener);
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            })
+        }
+    };
     Ok(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        // Without TCP_NODELAY, small gRPC responses wait on delayed ACKs (~40 ms each).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
-        // etcdctl sends an endpoint given as http://host:port whole as the :authority.
-        let listener = crate::h2_authority::Lenient(listener);
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(%addr, error = %e, "server error");
+        match served.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(%addr, error = %e, "server error"),
+            Err(e) => tracing::error!(%addr, error = %e, "server task failed"),
         }
     }))
 }
@@ -701,12 +738,13 @@ async fn wait_for_signal() {
     }
 }
 
-fn addrs(flag: &'static str, list: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+/// The addresses to listen on, each with whether it serves TLS.
+fn addrs(flag: &'static str, list: &str) -> Result<Vec<(SocketAddr, bool)>, ConfigError> {
     let mut out = Vec::new();
     for url in split_urls(list) {
         for a in parse_url(flag, &url)? {
-            if !out.contains(&a) {
-                out.push(a);
+            if !out.iter().any(|(seen, _)| *seen == a) {
+                out.push((a, is_https(&url)));
             }
         }
     }

@@ -276,7 +276,7 @@ async fn connect(
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        match endpoint.connect().await {
+        match endpoint.connect_with_connector(book.connector()).await {
             Ok(ch) => {
                 return Ok(RaftPeerClient::new(ch)
                     .max_decoding_message_size(usize::MAX)
@@ -292,6 +292,7 @@ async fn connect(
 /// members). The first that answers wins.
 pub async fn fetch_members(
     peer_urls: &[String],
+    connector: oxcd_tls::Connector,
 ) -> Result<(u64, Vec<oxcd_proto::etcdserverpb::Member>), TransportError> {
     let mut last = TransportError::NoAddress(0);
     for url in peer_urls {
@@ -299,7 +300,8 @@ pub async fn fetch_members(
             last = TransportError::BadUrl(url.clone());
             continue;
         };
-        let ch = match ep.connect_timeout(Duration::from_secs(2)).connect().await {
+        let ep = ep.connect_timeout(Duration::from_secs(2));
+        let ch = match ep.connect_with_connector(connector.clone()).await {
             Ok(ch) => ch,
             Err(source) => {
                 last = TransportError::Connect {

@@ -19,9 +19,10 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 pub use connector::Connector;
+pub use rustls::{ClientConfig, ServerConfig};
 pub use listener::TlsListener;
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +203,7 @@ pub fn self_cert(dir: &Path, hosts: &[String]) -> Result<TlsInfo, TlsError> {
     std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
     let mut params =
         rcgen::CertificateParams::new(hosts.to_vec()).map_err(|e| err(e.to_string()))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
     params
         .distinguished_name
         .push(rcgen::DnType::OrganizationName, "etcd");
