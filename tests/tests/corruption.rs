@@ -1,6 +1,6 @@
 //! The corruption checks (`--experimental-corrupt-check-time`,
 //! `--experimental-initial-corrupt-check`): a member whose stored data changed behind raft's back
-//! is found by the leader's periodic check, which raises a CORRUPT alarm for it on every member
+//! is found by the leader's periodic check, which raises the CORRUPT alarm on every member
 //! (writes then fail with etcd's corrupt error), and is refused start-up by the initial check.
 //! A healthy cluster under writes and compactions raises nothing.
 //!
@@ -111,7 +111,9 @@ fn a_corrupted_follower_gets_the_corrupt_alarm_and_is_refused_start_up() {
     c.members[f] = Server::spawn(spec.clone(), None);
     let restarted = Instant::now();
 
-    let expected = format!("memberID:{victim} alarm:CORRUPT");
+    // As etcd 3.4.23: the alarm names member 0 (etcdctl omits the zero id); the log names
+    // the member blamed.
+    let expected = "alarm:CORRUPT".to_string();
     TestCluster::wait_for("the CORRUPT alarm on the leader", START_TIMEOUT, || {
         alarms(&eps[l]) == [expected.clone()]
     });

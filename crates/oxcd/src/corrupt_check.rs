@@ -14,8 +14,9 @@
 //!   member blamed in a pass gets a CORRUPT alarm, proposed through raft so every member applies
 //!   it (and then refuses writes). Peers that did not answer with a hash are not judged.
 //!
-//! Which member the alarm names: etcd up to 3.4.22 names the member blamed, as here; 3.4.23
-//! names member 0, because a leader with corrupt data would blame a healthy follower.
+//! Which member the alarm names: member 0, as etcd 3.4.23 does (up to 3.4.22 it named the
+//! member blamed), because a leader with corrupt data would blame a healthy follower. The
+//! member blamed is in the leader's log.
 //!
 //! The decisions ([`judge_periodic`], [`judge_initial`]) are pure; the passes run over the
 //! [`Peers`] and [`Leader`] traits, so tests drive them with fakes on tokio's paused clock.
@@ -264,7 +265,7 @@ pub trait Leader: Peers {
     fn is_leader(&self) -> impl Future<Output = Option<bool>> + Send;
     /// Waits until this member applied everything committed when called.
     fn read_barrier(&self) -> impl Future<Output = Result<(), String>> + Send;
-    /// Proposes a CORRUPT alarm for `member` through raft.
+    /// Proposes the cluster's CORRUPT alarm through raft, `member` being the one blamed.
     fn raise_corrupt(&self, member: u64) -> impl Future<Output = Result<(), String>> + Send;
 }
 
@@ -491,10 +492,12 @@ impl Leader for GatewayLeader {
     }
 
     async fn raise_corrupt(&self, member: u64) -> Result<(), String> {
+        tracing::error!(blamed_member_id = %format!("{member:x}"), "raising the CORRUPT alarm");
         let req = InternalRaftRequest {
             alarm: Some(AlarmRequest {
                 action: AlarmAction::Activate as i32,
-                member_id: member,
+                // Who is at fault is logged; the alarm is the cluster's (see the module doc).
+                member_id: 0,
                 alarm: AlarmType::Corrupt as i32,
             }),
             ..Default::default()
