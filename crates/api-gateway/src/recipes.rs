@@ -261,7 +261,7 @@ impl KeyWatch {
     async fn next(&mut self) -> Result<Vec<Event>, Status> {
         loop {
             match self.rx.recv().await {
-                Some(Notice::Events { events, .. }) => return Ok(events),
+                Some(Notice::Events { events, .. }) => return Ok(events.to_vec()),
                 Some(Notice::Canceled {
                     compact_revision, ..
                 }) if compact_revision != 0 => {

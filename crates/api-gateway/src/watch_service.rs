@@ -3,7 +3,10 @@
 //! notices for the stream become `WatchResponse`s, split into fragments when a watcher asked
 //! for it and the response would exceed `--max-request-bytes`.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use mvcc_store::{MvccError, MvccStore};
 use oxcd_proto::etcdserverpb::{
@@ -11,7 +14,7 @@ use oxcd_proto::etcdserverpb::{
 };
 use oxcd_proto::mvccpb::Event;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use watch::{History, HistoryError, Notice, WatchError, WatchHub, WatchSpec};
@@ -20,8 +23,6 @@ use crate::gateway::Gateway;
 
 /// Notices buffered per stream before its watchers are set aside as slow (etcd: 128).
 const SINK_CAPACITY: usize = 128;
-/// Responses buffered between the notice converter and gRPC's sender.
-const OUT_CAPACITY: usize = 16;
 
 /// The mvcc store as the watch hub's history.
 pub struct StoreHistory(pub MvccStore);
@@ -67,13 +68,12 @@ impl Watch for WatchService {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let mut inbound = request.into_inner();
-        let (sink_tx, mut sink_rx) = mpsc::channel::<Notice>(SINK_CAPACITY);
-        let (out_tx, out_rx) = mpsc::channel::<Result<WatchResponse, Status>>(OUT_CAPACITY);
+        let (sink_tx, sink_rx) = mpsc::channel::<Notice>(SINK_CAPACITY);
+        let (failed_tx, failed_rx) = oneshot::channel();
         let stream = self.hub.open_stream(sink_tx);
 
         // Requests: the stream's watchers live as long as this task holds `stream`; when the
         // client half-closes or goes away, dropping it cancels them and closes the sink.
-        let requests_out = out_tx.clone();
         tokio::spawn(async move {
             loop {
                 let req = match inbound.next().await {
@@ -100,9 +100,7 @@ impl Watch for WatchService {
                 };
                 if let Err(e) = outcome {
                     if matches!(e, WatchError::HubStopped | WatchError::StreamClosed) {
-                        let _ = requests_out
-                            .send(Err(Status::unavailable(format!("etcdserver: {e}"))))
-                            .await;
+                        let _ = failed_tx.send(Status::unavailable(format!("etcdserver: {e}")));
                         break;
                     }
                     tracing::debug!(error = %e, "watch request refused");
@@ -111,21 +109,60 @@ impl Watch for WatchService {
             drop(stream);
         });
 
-        // Notices → responses, in the order the hub produced them.
-        let gw = self.gw.clone();
-        let max_bytes = self.gw.limits().max_request_bytes;
-        tokio::spawn(async move {
-            while let Some(notice) = sink_rx.recv().await {
-                for resp in to_responses(&gw, notice, max_bytes) {
-                    if out_tx.send(Ok(resp)).await.is_err() {
-                        return;
-                    }
+        Ok(Response::new(Box::pin(Responses {
+            gw: self.gw.clone(),
+            max_bytes: self.gw.limits().max_request_bytes,
+            notices: sink_rx,
+            ready: VecDeque::new(),
+            failed: Some(failed_rx),
+            ended: false,
+        })))
+    }
+}
+
+/// A watch stream's responses, made from the hub's notices only when gRPC asks for the next
+/// one. Nothing is converted, nor copied out of the hub's shared event batches, before the
+/// connection can take it: a client that reads slowly holds back notices (a few words each,
+/// at most `SINK_CAPACITY`), and the hub then moves its watchers aside to catch up later.
+struct Responses {
+    gw: Gateway,
+    max_bytes: usize,
+    notices: mpsc::Receiver<Notice>,
+    /// Fragments of a notice not yet handed out.
+    ready: VecDeque<WatchResponse>,
+    /// The request side failed for good: the stream ends with this status.
+    failed: Option<oneshot::Receiver<Status>>,
+    ended: bool,
+}
+
+impl Stream for Responses {
+    type Item = Result<WatchResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let me = self.get_mut();
+        if me.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(failed) = me.failed.as_mut() {
+            if let Poll::Ready(result) = Pin::new(failed).poll(cx) {
+                me.failed = None;
+                if let Ok(status) = result {
+                    me.ended = true;
+                    return Poll::Ready(Some(Err(status)));
                 }
             }
-        });
-
-        let out = tokio_stream::wrappers::ReceiverStream::new(out_rx);
-        Ok(Response::new(Box::pin(out)))
+        }
+        if let Some(resp) = me.ready.pop_front() {
+            return Poll::Ready(Some(Ok(resp)));
+        }
+        match me.notices.poll_recv(cx) {
+            Poll::Ready(Some(notice)) => {
+                me.ready.extend(to_responses(&me.gw, notice, me.max_bytes));
+                Poll::Ready(me.ready.pop_front().map(Ok))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -156,7 +193,7 @@ fn to_responses(gw: &Gateway, notice: Notice, max_bytes: usize) -> Vec<WatchResp
             let whole = WatchResponse {
                 header: header(revision),
                 watch_id,
-                events,
+                events: events.to_vec(),
                 ..Default::default()
             };
             if fragment {

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::notice::{Notice, PendingEvents};
+use crate::notice::{Notice, PendingEvents, WatchEvents};
 use crate::range::{KeyRange, WatcherGroup, WatcherKey};
 use crate::{
     event_key, event_revision, metric_names, EventShape, Events, History, HistoryError, WatchError,
@@ -156,7 +156,7 @@ impl WatchHub {
             wake_tx,
             job_tx,
             gauges: Gauges::new(),
-            scratch: HashMap::new(),
+            scratch: Vec::new(),
         };
         tokio::spawn(hub.run(command_rx, events, wake_rx, job_rx));
         WatchHub { commands, shared }
@@ -324,7 +324,7 @@ enum JobOutcome {
     /// Everything the watcher wants in `[min_rev, covered]`.
     Caught {
         key: WatcherKey,
-        events: Vec<Event>,
+        events: WatchEvents,
         covered: i64,
     },
     Compacted {
@@ -360,8 +360,8 @@ struct Hub {
     wake_tx: mpsc::UnboundedSender<StreamKey>,
     job_tx: mpsc::UnboundedSender<JobResult>,
     gauges: Gauges,
-    /// Reused per publish: watcher -> indexes of the revision's events it matches.
-    scratch: HashMap<WatcherKey, Vec<usize>>,
+    /// Reused per publish: (watcher, position of an event of the revision it matches).
+    scratch: Vec<(WatcherKey, u32)>,
 }
 
 impl Hub {
@@ -775,30 +775,39 @@ impl Hub {
             self.publish_gap(ev.revision);
         }
         let rev = ev.revision;
-        let mut batches = std::mem::take(&mut self.scratch);
-        for (i, e) in ev.events.iter().enumerate() {
+        let batch: Arc<[Event]> = ev.events.into();
+        // (watcher, position of a matching event); a watcher matches each event once.
+        let mut matched = std::mem::take(&mut self.scratch);
+        for (i, e) in batch.iter().enumerate() {
             self.synced
-                .for_each_matching(event_key(e), |w| batches.entry(w).or_default().push(i));
+                .for_each_matching(event_key(e), |w| matched.push((w, i as u32)));
+        }
+        if batch.len() > 1 {
+            // Groups each watcher's events, in the order applied.
+            matched.sort_unstable();
         }
         let mut victims = Vec::new();
         let mut closed = Vec::new();
-        for (key, idxs) in batches.iter_mut() {
-            let Some(w) = self.watchers.get(key) else {
+        let mut positions = Vec::new();
+        for group in matched.chunk_by(|a, b| a.0 == b.0) {
+            let key = group[0].0;
+            let Some(w) = self.watchers.get(&key) else {
                 continue;
             };
             if rev < w.min_rev {
                 continue;
             }
-            let events: Vec<Event> = idxs
-                .iter()
-                .map(|&i| &ev.events[i])
-                .filter(|e| w.shape.keeps(e))
-                .map(|e| w.shape.shape(e))
-                .collect();
-            idxs.clear();
-            if events.is_empty() {
+            positions.clear();
+            positions.extend(
+                group
+                    .iter()
+                    .map(|&(_, i)| i)
+                    .filter(|&i| w.shape.keeps(&batch[i as usize])),
+            );
+            if positions.is_empty() {
                 continue;
             }
+            let events = WatchEvents::pick(&batch, &positions, w.shape.prev_kv);
             let (sk, watch_id, fragment) = (w.stream, w.id, w.fragment);
             let notice = Notice::Events {
                 watch_id,
@@ -809,16 +818,16 @@ impl Hub {
             };
             match self.offer(sk, notice) {
                 Offer::Sent => {
-                    if let Some(w) = self.watchers.get_mut(key) {
+                    if let Some(w) = self.watchers.get_mut(&key) {
                         w.idle = false;
                     }
                 }
-                Offer::Blocked(_) => victims.push(*key),
+                Offer::Blocked(_) => victims.push(key),
                 Offer::Closed => closed.push(sk),
             }
         }
-        batches.clear();
-        self.scratch = batches;
+        matched.clear();
+        self.scratch = matched;
         for key in victims {
             self.make_unsynced(key, rev);
         }
@@ -1003,8 +1012,7 @@ impl Hub {
                     // History may be ahead of the hub; what lies beyond the hub's revision
                     // arrives through publishing once the watcher is synced.
                     let upto = covered.min(self.rev);
-                    let keep = events.partition_point(|e| event_revision(e) <= upto);
-                    events.truncate(keep);
+                    events.keep_through(upto);
                     let (sk, watch_id, fragment) = (w.stream, w.id, w.fragment);
                     if !events.is_empty() {
                         let notice = Notice::Events {
@@ -1083,6 +1091,7 @@ fn run_job(
     watchers.sort_by_key(|w| w.min_rev);
     let mut i = 0;
     let mut read = 0;
+    let mut positions = Vec::new();
     while i < watchers.len() && read < budget {
         let base = watchers[i].min_rev;
         // Read before the events: everything up to it is then certainly in the answer.
@@ -1110,18 +1119,24 @@ fn run_job(
             None => current.max(base - 1),
         };
         read += events.len();
+        // One copy of the read, shared by every watcher it serves.
+        let events: Arc<[Event]> = events.into();
         let before = i;
         while i < watchers.len() && watchers[i].min_rev <= covered {
             let w = &watchers[i];
             let from = events.partition_point(|e| event_revision(e) < w.min_rev);
-            let mine = events[from..]
-                .iter()
-                .filter(|e| w.range.contains(event_key(e)) && w.shape.keeps(e))
-                .map(|e| w.shape.shape(e))
-                .collect();
+            positions.clear();
+            positions.extend(
+                (from..events.len())
+                    .filter(|&p| {
+                        let e = &events[p];
+                        w.range.contains(event_key(e)) && w.shape.keeps(e)
+                    })
+                    .map(|p| p as u32),
+            );
             out.push(JobOutcome::Caught {
                 key: w.key,
-                events: mine,
+                events: WatchEvents::pick(&events, &positions, w.shape.prev_kv),
                 covered,
             });
             i += 1;

@@ -19,7 +19,7 @@ use oxcd_proto::etcdserverpb::{watch_create_request::FilterType, WatchCreateRequ
 use oxcd_proto::mvccpb::{event::EventType, Event};
 
 pub use hub::{HubStats, WatchConfig, WatchHub, WatchStream};
-pub use notice::{Notice, PendingEvents};
+pub use notice::{Notice, PendingEvents, WatchEvents};
 pub use range::KeyRange;
 
 /// Metric names, as etcd exports them.
@@ -146,19 +146,6 @@ impl EventShape {
             !self.no_delete
         } else {
             !self.no_put
-        }
-    }
-
-    /// The event as this watcher receives it; `prev_kv` is only copied when asked for.
-    pub(crate) fn shape(&self, ev: &Event) -> Event {
-        Event {
-            r#type: ev.r#type,
-            kv: ev.kv.clone(),
-            prev_kv: if self.prev_kv {
-                ev.prev_kv.clone()
-            } else {
-                None
-            },
         }
     }
 }

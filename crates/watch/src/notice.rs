@@ -1,8 +1,11 @@
 //! What the hub writes into a stream's sink.
 
 use std::fmt;
+use std::sync::Arc;
 
 use oxcd_proto::mvccpb::Event;
+
+use crate::event_revision;
 
 /// One item for a watch stream; the gRPC layer turns each into one `WatchResponse` (or several
 /// fragments). `revision` is the header revision etcd would report with it.
@@ -18,7 +21,7 @@ pub enum Notice {
     Events {
         watch_id: i64,
         revision: i64,
-        events: Vec<Event>,
+        events: WatchEvents,
         /// The watcher asked for large batches to be split.
         fragment: bool,
         /// Accounts the events as pending until the notice is dropped.
@@ -55,6 +58,113 @@ impl Notice {
             | Notice::Progress { revision, .. }
             | Notice::Canceled { revision, .. } => *revision,
         }
+    }
+}
+
+/// The events of one notice. They are not copied per watcher: every watcher given the same
+/// published revision (or the same history read) refers to one shared batch and keeps only
+/// which of its events it wants, so a queued notice costs a few words however many watchers
+/// receive it. The gRPC layer copies the events out as it sends them.
+#[derive(Clone)]
+pub struct WatchEvents {
+    batch: Arc<[Event]>,
+    picks: Picks,
+    /// Whether the watcher wants `prev_kv`; the batch always carries it.
+    prev_kv: bool,
+}
+
+#[derive(Clone)]
+enum Picks {
+    /// `batch[from..to]`, the common case: every event of a revision, or a run of history.
+    Span(u32, u32),
+    /// Ascending positions in the batch.
+    List(Box<[u32]>),
+}
+
+impl WatchEvents {
+    /// The events of `batch` at `positions` (ascending).
+    pub(crate) fn pick(batch: &Arc<[Event]>, positions: &[u32], prev_kv: bool) -> WatchEvents {
+        let contiguous = positions.windows(2).all(|w| w[1] == w[0] + 1);
+        let picks = match (positions.first(), positions.last()) {
+            (Some(&from), Some(&last)) if contiguous => Picks::Span(from, last + 1),
+            (None, _) | (_, None) => Picks::Span(0, 0),
+            _ => Picks::List(positions.into()),
+        };
+        WatchEvents {
+            batch: batch.clone(),
+            picks,
+            prev_kv,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.picks {
+            Picks::Span(from, to) => (to - from) as usize,
+            Picks::List(list) => list.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The events as stored in the batch: `prev_kv` is set whether or not the watcher asked
+    /// for it (see [`WatchEvents::prev_kv`]).
+    pub fn iter(&self) -> impl Iterator<Item = &Event> + '_ {
+        let (span, list) = match &self.picks {
+            Picks::Span(from, to) => (&self.batch[*from as usize..*to as usize], &[][..]),
+            Picks::List(list) => (&[][..], &list[..]),
+        };
+        span.iter()
+            .chain(list.iter().map(|&i| &self.batch[i as usize]))
+    }
+
+    /// Whether the watcher receives `prev_kv`.
+    pub fn prev_kv(&self) -> bool {
+        self.prev_kv
+    }
+
+    /// The event as the watcher receives it.
+    pub fn shaped(&self, ev: &Event) -> Event {
+        Event {
+            r#type: ev.r#type,
+            kv: ev.kv.clone(),
+            prev_kv: if self.prev_kv {
+                ev.prev_kv.clone()
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Copies of the events as the watcher receives them.
+    pub fn to_vec(&self) -> Vec<Event> {
+        self.iter().map(|e| self.shaped(e)).collect()
+    }
+
+    /// Keeps only the events of revisions up to `rev`.
+    pub(crate) fn keep_through(&mut self, rev: i64) {
+        match &mut self.picks {
+            Picks::Span(from, to) => {
+                let span = &self.batch[*from as usize..*to as usize];
+                *to = *from + span.partition_point(|e| event_revision(e) <= rev) as u32;
+            }
+            Picks::List(list) => {
+                let keep =
+                    list.partition_point(|&i| event_revision(&self.batch[i as usize]) <= rev);
+                if keep < list.len() {
+                    *list = list[..keep].into();
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for WatchEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|e| self.shaped(e)))
+            .finish()
     }
 }
 

@@ -36,7 +36,7 @@ async fn synced_watcher_gets_each_revision_as_published() {
                 ..
             } => {
                 assert_eq!((watch_id, revision), (id, rev));
-                assert_eq!(summary(&events), vec![(rev, format!("a{i}"), PUT)]);
+                assert_eq!(summary(&events.to_vec()), vec![(rev, format!("a{i}"), PUT)]);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -62,7 +62,7 @@ async fn one_revision_is_one_notice() {
         .await;
     match next(&mut rx).await {
         Notice::Events { events, .. } => assert_eq!(
-            summary(&events),
+            summary(&events.to_vec()),
             vec![
                 (rev, "k1".into(), PUT),
                 (rev, "k2".into(), PUT),
@@ -94,7 +94,7 @@ async fn single_key_prefix_and_from_key_ranges() {
             watch_id, events, ..
         } = n
         {
-            for e in events {
+            for e in events.to_vec() {
                 got.push((watch_id, String::from_utf8(e.kv.unwrap().key).unwrap()));
             }
         }
@@ -153,7 +153,7 @@ async fn filters_and_prev_kv() {
             watch_id, events, ..
         } = n
         {
-            by_id.entry(watch_id).or_default().extend(events);
+            by_id.entry(watch_id).or_default().extend(events.to_vec());
         }
     }
     let types = |id| by_id[&id].iter().map(|e| e.r#type).collect::<Vec<_>>();
@@ -413,7 +413,14 @@ async fn progress_request_answers_at_hub_revision_once_synced() {
                 watch_id, events, ..
             } => {
                 assert_eq!(watch_id, id);
-                last_event = events.last().unwrap().kv.as_ref().unwrap().mod_revision;
+                last_event = events
+                    .iter()
+                    .last()
+                    .unwrap()
+                    .kv
+                    .as_ref()
+                    .unwrap()
+                    .mod_revision;
             }
             Notice::Progress { watch_id, revision } => {
                 assert_eq!(watch_id, -1);
@@ -536,7 +543,7 @@ async fn concurrent_publishing_and_catch_up_lose_and_repeat_nothing() {
                     e = &mut expect_rx, if expected.is_none() => expected = Some(e.unwrap()),
                     notice = next(&mut rx) => match notice {
                         Notice::Events { events, .. } => {
-                            for e in events {
+                            for e in events.to_vec() {
                                 let kv = e.kv.unwrap();
                                 got.push((kv.mod_revision, kv.key, e.r#type));
                             }
@@ -633,7 +640,7 @@ async fn watch_from_now_starts_after_the_store_not_after_the_hub() {
     let rev = rig.put(b"a", b"after").await;
     match next(&mut rx).await {
         Notice::Events { events, .. } => {
-            assert_eq!(summary(&events), vec![(rev, "a".to_string(), PUT)])
+            assert_eq!(summary(&events.to_vec()), vec![(rev, "a".to_string(), PUT)])
         }
         other => panic!("unexpected {other:?}"),
     }

@@ -243,6 +243,7 @@ pub async fn collect_events(
                 events,
                 ..
             } if id == watch_id => {
+                let events = events.to_vec();
                 let last = events.last().unwrap().kv.as_ref().unwrap().mod_revision;
                 assert!(
                     revision >= last,
