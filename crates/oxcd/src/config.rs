@@ -234,6 +234,8 @@ pub enum ConfigError {
         url: String,
         reason: String,
     },
+    #[error("--{flag} is set, but oxcd does not enforce it yet; refusing to start rather than accept connections it would refuse")]
+    TlsRestrictionUnsupported { flag: &'static str },
     #[error("couldn't find local name {name:?} in the initial cluster configuration")]
     NameNotInCluster { name: String },
     #[error("--initial-cluster has an invalid entry {0:?} (want name=peerURL)")]
@@ -264,6 +266,30 @@ impl Config {
         self.data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
+    }
+
+    /// TLS flags that narrow who may connect: ignoring one would let in clients or peers the
+    /// operator meant to keep out, so oxcd refuses to start with them.
+    pub fn refuse_unsupported(&self) -> Result<(), ConfigError> {
+        let a = &self.accepted;
+        let restrictions: [(&'static str, bool); 6] = [
+            ("client-crl-file", a.client_crl_file.is_some()),
+            (
+                "client-cert-allowed-hostname",
+                a.client_cert_allowed_hostname.is_some(),
+            ),
+            ("peer-crl-file", a.peer_crl_file.is_some()),
+            ("peer-cert-allowed-cn", a.peer_cert_allowed_cn.is_some()),
+            (
+                "peer-cert-allowed-hostname",
+                a.peer_cert_allowed_hostname.is_some(),
+            ),
+            ("cipher-suites", a.cipher_suites.is_some()),
+        ];
+        match restrictions.iter().find(|(_, set)| *set) {
+            Some(&(flag, _)) => Err(ConfigError::TlsRestrictionUnsupported { flag }),
+            None => Ok(()),
+        }
     }
 
     /// What the client TLS flags say (`--auto-tls` is resolved later, with the data dir).
@@ -484,6 +510,14 @@ mod tests {
         assert_eq!(c.client_tls().cert_file, Some(PathBuf::from("/c.pem")));
         assert_eq!(c.client_tls().key_file, None);
         assert!(c.peer_tls().is_empty());
+        assert!(c.refuse_unsupported().is_ok());
+        let c = parse(&["--peer-cert-allowed-cn=etcd-peer"]).unwrap();
+        assert!(matches!(
+            c.refuse_unsupported(),
+            Err(ConfigError::TlsRestrictionUnsupported {
+                flag: "peer-cert-allowed-cn"
+            })
+        ));
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
             "flag is accepted for compatibility but has no effect in oxcd yet"
         );
     }
+    cfg.refuse_unsupported()?;
     let compaction = auto_compaction::Policy::from_flags(
         &cfg.auto_compaction_mode,
         &cfg.auto_compaction_retention,
