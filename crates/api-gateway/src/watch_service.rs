@@ -20,9 +20,14 @@ use tonic::{Request, Response, Status, Streaming};
 use watch::{History, HistoryError, Notice, WatchError, WatchHub, WatchSpec};
 
 use crate::gateway::Gateway;
+use crate::header::HeaderSource;
 
 /// Notices buffered per stream before its watchers are set aside as slow (etcd: 128).
 const SINK_CAPACITY: usize = 128;
+/// Encoded responses handed to gRPC in one go, at most (plus one response): what a stream
+/// buffers for a client that reads slowly (gRPC's own threshold is 32 KiB, in buffers that
+/// grow to 64 KiB, which across 1000 streams is most of the server's memory).
+const CHUNK_BYTES: usize = 8 * 1024;
 
 /// The mvcc store as the watch hub's history.
 pub struct StoreHistory(pub MvccStore);
@@ -109,14 +114,12 @@ impl Watch for WatchService {
             drop(stream);
         });
 
-        Ok(Response::new(Box::pin(Responses {
-            gw: self.gw.clone(),
-            max_bytes: self.gw.limits().max_request_bytes,
-            notices: sink_rx,
-            ready: VecDeque::new(),
-            failed: Some(failed_rx),
-            ended: false,
-        })))
+        Ok(Response::new(Box::pin(Responses::new(
+            self.gw.headers().clone(),
+            self.gw.limits().max_request_bytes,
+            sink_rx,
+            failed_rx,
+        ))))
     }
 }
 
@@ -125,7 +128,7 @@ impl Watch for WatchService {
 /// connection can take it: a client that reads slowly holds back notices (a few words each,
 /// at most `SINK_CAPACITY`), and the hub then moves its watchers aside to catch up later.
 struct Responses {
-    gw: Gateway,
+    headers: HeaderSource,
     max_bytes: usize,
     notices: mpsc::Receiver<Notice>,
     /// Fragments of a notice not yet handed out.
@@ -133,6 +136,27 @@ struct Responses {
     /// The request side failed for good: the stream ends with this status.
     failed: Option<oneshot::Receiver<Status>>,
     ended: bool,
+    /// Bytes handed to gRPC since the stream last paused.
+    unflushed: usize,
+}
+
+impl Responses {
+    fn new(
+        headers: HeaderSource,
+        max_bytes: usize,
+        notices: mpsc::Receiver<Notice>,
+        failed: oneshot::Receiver<Status>,
+    ) -> Self {
+        Responses {
+            headers,
+            max_bytes,
+            notices,
+            ready: VecDeque::new(),
+            failed: Some(failed),
+            ended: false,
+            unflushed: 0,
+        }
+    }
 }
 
 impl Stream for Responses {
@@ -152,22 +176,39 @@ impl Stream for Responses {
                 }
             }
         }
-        if let Some(resp) = me.ready.pop_front() {
-            return Poll::Ready(Some(Ok(resp)));
+        if me.unflushed >= CHUNK_BYTES {
+            // gRPC encodes what it is given into one buffer until the stream pauses; the
+            // buffer then waits whole in HTTP/2's send queue for the client's window. A
+            // pause here (with a wake-up) keeps each stream's share of that queue small.
+            me.unflushed = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
-        match me.notices.poll_recv(cx) {
-            Poll::Ready(Some(notice)) => {
-                me.ready.extend(to_responses(&me.gw, notice, me.max_bytes));
-                Poll::Ready(me.ready.pop_front().map(Ok))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
+        let resp = match me.ready.pop_front() {
+            Some(resp) => resp,
+            None => match me.notices.poll_recv(cx) {
+                Poll::Ready(Some(notice)) => {
+                    me.ready
+                        .extend(to_responses(&me.headers, notice, me.max_bytes));
+                    match me.ready.pop_front() {
+                        Some(resp) => resp,
+                        None => return Poll::Ready(None),
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    me.unflushed = 0;
+                    return Poll::Pending;
+                }
+            },
+        };
+        me.unflushed += resp.encoded_len();
+        Poll::Ready(Some(Ok(resp)))
     }
 }
 
-fn to_responses(gw: &Gateway, notice: Notice, max_bytes: usize) -> Vec<WatchResponse> {
-    let header = |rev: i64| Some(gw.headers().header(rev));
+fn to_responses(headers: &HeaderSource, notice: Notice, max_bytes: usize) -> Vec<WatchResponse> {
+    let header = |rev: i64| Some(headers.header(rev));
     match notice {
         Notice::Created { watch_id, revision } => vec![WatchResponse {
             header: header(revision),
@@ -265,6 +306,9 @@ pub fn fragments(whole: WatchResponse, max_bytes: usize) -> Vec<WatchResponse> {
 mod tests {
     use super::*;
     use oxcd_proto::mvccpb::KeyValue;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Waker;
 
     fn ev(key: &str, val_len: usize, rev: i64) -> Event {
         Event {
@@ -278,6 +322,66 @@ mod tests {
                 lease: 0,
             }),
             prev_kv: None,
+        }
+    }
+
+    /// A reader that keeps asking gets every response in order, with a pause (and a
+    /// wake-up) after each `CHUNK_BYTES` or so, where gRPC hands its buffer to HTTP/2.
+    #[test]
+    fn responses_pause_every_chunk_and_keep_their_order() {
+        const N: i64 = 2000;
+        let (tx, rx) = mpsc::channel(N as usize);
+        let (_failed_tx, failed_rx) = oneshot::channel();
+        for revision in 0..N {
+            tx.try_send(Notice::Progress {
+                watch_id: 7,
+                revision,
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let mut responses = Responses::new(HeaderSource::new(1, 2), 1 << 20, rx, failed_rx);
+        let woken = Arc::new(Wakes::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (mut got, mut pauses, mut run, mut longest) = (Vec::new(), 0, 0, 0);
+        loop {
+            match Pin::new(&mut responses).poll_next(&mut cx) {
+                Poll::Ready(Some(Ok(resp))) => {
+                    run += resp.encoded_len();
+                    got.push(resp.header.unwrap().revision);
+                }
+                Poll::Ready(Some(Err(status))) => panic!("{status}"),
+                Poll::Ready(None) => break,
+                Poll::Pending => {
+                    assert_eq!(
+                        woken.0.swap(0, Ordering::SeqCst),
+                        1,
+                        "pause without wake-up"
+                    );
+                    longest = longest.max(run);
+                    run = 0;
+                    pauses += 1;
+                }
+            }
+        }
+        assert_eq!(got, (0..N).collect::<Vec<_>>());
+        let per_response = WatchResponse {
+            header: Some(HeaderSource::new(1, 2).header(N)),
+            watch_id: 7,
+            ..Default::default()
+        }
+        .encoded_len();
+        assert!(longest >= CHUNK_BYTES && longest <= CHUNK_BYTES + per_response);
+        assert!(pauses >= N as usize * per_response / (CHUNK_BYTES + per_response));
+    }
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
 

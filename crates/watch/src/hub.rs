@@ -142,6 +142,7 @@ impl WatchHub {
             rev: revision,
             shared: shared.clone(),
             watchers: HashMap::new(),
+            ranges: HashMap::new(),
             next_watcher: 1,
             synced: WatcherGroup::default(),
             unsynced_count: 0,
@@ -273,7 +274,8 @@ impl Gauges {
 struct Watcher {
     stream: StreamKey,
     id: i64,
-    range: KeyRange,
+    /// Shared with every other watcher on the same range (see `Hub::ranges`).
+    range: Arc<KeyRange>,
     /// Lowest revision this watcher still wants.
     min_rev: i64,
     shape: EventShape,
@@ -316,7 +318,7 @@ enum Offer {
 struct JobWatcher {
     key: WatcherKey,
     min_rev: i64,
-    range: KeyRange,
+    range: Arc<KeyRange>,
     shape: EventShape,
 }
 
@@ -342,6 +344,9 @@ struct Hub {
     rev: i64,
     shared: Arc<Shared>,
     watchers: HashMap<WatcherKey, Watcher>,
+    /// Each distinct range watched, with its number of watchers: clients tend to watch the
+    /// same few prefixes, so watchers share one copy of the keys instead of holding their own.
+    ranges: HashMap<Arc<KeyRange>, usize>,
     next_watcher: WatcherKey,
     synced: WatcherGroup,
     unsynced_count: usize,
@@ -512,7 +517,7 @@ impl Hub {
         let watcher = Watcher {
             stream: sk,
             id,
-            range,
+            range: self.share_range(range),
             min_rev,
             shape: EventShape {
                 prev_kv: spec.prev_kv,
@@ -559,17 +564,40 @@ impl Hub {
         self.try_progress(sk);
     }
 
-    /// Forgets a watcher everywhere; its stream's id becomes free again.
-    fn remove_watcher(&mut self, key: WatcherKey) {
-        let Some(w) = self.watchers.remove(&key) else {
-            return;
-        };
+    fn share_range(&mut self, range: KeyRange) -> Arc<KeyRange> {
+        if let Some((shared, users)) = self.ranges.get_key_value(&range) {
+            let shared = shared.clone();
+            let users = users + 1;
+            self.ranges.insert(shared.clone(), users);
+            return shared;
+        }
+        let shared = Arc::new(range);
+        self.ranges.insert(shared.clone(), 1);
+        shared
+    }
+
+    /// Takes a watcher out of the groups and counts; the caller updates its stream.
+    fn forget(&mut self, key: WatcherKey, w: &Watcher) {
         if w.synced {
             self.synced.remove(key, &w.range);
         } else {
             self.unsynced_count -= 1;
         }
         self.progress_watchers.remove(&key);
+        if let Some(users) = self.ranges.get_mut(&*w.range) {
+            *users -= 1;
+            if *users == 0 {
+                self.ranges.remove(&*w.range);
+            }
+        }
+    }
+
+    /// Forgets a watcher everywhere; its stream's id becomes free again.
+    fn remove_watcher(&mut self, key: WatcherKey) {
+        let Some(w) = self.watchers.remove(&key) else {
+            return;
+        };
+        self.forget(key, &w);
         if let Some(st) = self.streams.get_mut(&w.stream) {
             if st.ids.get(&w.id) == Some(&key) {
                 st.ids.remove(&w.id);
@@ -587,12 +615,7 @@ impl Hub {
         }
         for key in st.ids.into_values() {
             if let Some(w) = self.watchers.remove(&key) {
-                if w.synced {
-                    self.synced.remove(key, &w.range);
-                } else {
-                    self.unsynced_count -= 1;
-                }
-                self.progress_watchers.remove(&key);
+                self.forget(key, &w);
             }
         }
         self.ready.remove(&sk);
