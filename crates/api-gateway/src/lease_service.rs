@@ -121,7 +121,7 @@ impl Lease for LeaseService {
         }
         if req.id == 0 {
             req.id = new_lease_id();
-        } else if matches!(self.leases.lookup(req.id).await, Ok(Some(_))) {
+        } else if self.leases.contains(req.id) {
             // Checked here so the applier can take a repeated grant as a replay.
             return Err(StatusError::from(LeaseError::Exists).into());
         }
@@ -213,7 +213,7 @@ impl Lease for LeaseService {
             resp.header = self.header();
             return Ok(Response::new(resp));
         }
-        let t = match self.leases.time_to_live(req.id).await {
+        let t = match self.leases.time_to_live(req.id) {
             Ok(t) => t,
             // etcd answers an unknown lease with TTL -1 rather than an error.
             Err(LeaseError::NotFound) => {
@@ -239,7 +239,7 @@ impl Lease for LeaseService {
         &self,
         _: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let mut all = self.leases.leases().await.map_err(StatusError::from)?;
+        let mut all = self.leases.leases();
         all.sort_by_key(|l| l.id);
         Ok(Response::new(LeaseLeasesResponse {
             header: self.header(),

@@ -5,7 +5,7 @@
 //! restart replays exactly what was not applied yet); the resulting `Events` to the watch hub;
 //! the applied index on a `tokio::sync::watch` channel (linearizable reads wait on it); and the
 //! outcome to the proposer's oneshot, which only the member that proposed the entry holds.
-//! Lease grants, revokes and checkpoints go to the lease task (`lease::LeaseHandle`), and
+//! Lease grants, revokes and checkpoints go to the lessor (`lease::LeaseHandle`), and
 //! keys written with a lease are attached to it there; a revoke deletes the lease's keys in
 //! one revision, as etcd does. Membership entries (raft configuration changes and member
 //! attributes) update the `Membership` records. Alarm entries update the `Alarms`; while one is
@@ -223,9 +223,9 @@ impl Applier {
         let records = pairs.len();
         self.store.install(pairs).map_err(|e| e.to_string())?;
         if let Some(leases) = &self.leases {
-            block_on(leases.reload()).map_err(|e| e.to_string())?;
+            leases.reload().map_err(|e| e.to_string())?;
             for (lease, key) in self.store.leased_keys().map_err(|e| e.to_string())? {
-                let _ = block_on(leases.attach(lease, key));
+                let _ = leases.attach(lease, &key);
             }
         }
         if let Some(m) = &self.membership {
@@ -342,7 +342,7 @@ impl Applier {
         use mvcc_store::WriteOp;
         let leases = self.leases.clone();
         let lease_exists = |id: i64| match &leases {
-            Some(l) => matches!(block_on(l.lookup(id)), Ok(Some(_))),
+            Some(l) => l.contains(id),
             None => false,
         };
         if let Some(grant) = req.lease_grant.as_ref() {
@@ -358,7 +358,7 @@ impl Applier {
             if let Some(l) = &self.leases {
                 for c in &cp.checkpoints {
                     // A lease revoked meanwhile has nothing left to checkpoint.
-                    let _ = block_on(l.checkpoint(c.id, c.remaining_ttl));
+                    let _ = l.checkpoint(c.id, c.remaining_ttl);
                 }
             }
             let applied = self.store.apply(index, WriteOp::Noop, &lease_exists)?;
@@ -511,10 +511,10 @@ impl Applier {
                 continue;
             }
             if old != 0 {
-                let _ = block_on(leases.detach(old, kv.key.clone()));
+                let _ = leases.detach(old, &kv.key);
             }
             if new != 0 {
-                if let Err(e) = block_on(leases.attach(new, kv.key.clone())) {
+                if let Err(e) = leases.attach(new, &kv.key) {
                     tracing::warn!(lease = new, error = %e, "key written with a lease the lessor lacks");
                 }
             }
@@ -526,13 +526,13 @@ impl Applier {
             .leases
             .clone()
             .ok_or(ApplyError::Lease(LeaseError::NotFound))?;
-        let granted = match block_on(leases.grant(id, ttl)) {
+        let granted = match leases.grant(id, ttl) {
             Ok(info) => Ok(info.ttl),
             // Replaying a grant whose record outlived the applied index: the gateway refuses
             // duplicate ids before proposing, so an existing id here is this very grant.
-            Err(LeaseError::Exists) => match block_on(leases.lookup(id)) {
-                Ok(Some(info)) => Ok(info.ttl),
-                _ => Err(LeaseError::Exists),
+            Err(LeaseError::Exists) => match leases.lookup(id) {
+                Some(info) => Ok(info.ttl),
+                None => Err(LeaseError::Exists),
             },
             Err(e) => Err(e),
         };
@@ -558,13 +558,10 @@ impl Applier {
             .leases
             .clone()
             .ok_or(ApplyError::Lease(LeaseError::NotFound))?;
-        let keys = match block_on(leases.time_to_live(id)) {
-            Ok(t) => t.keys,
-            Err(e) => {
-                self.store
-                    .apply(index, mvcc_store::WriteOp::Noop, &|_| false)?;
-                return Err(ApplyError::Lease(e));
-            }
+        let Some(keys) = leases.keys(id) else {
+            self.store
+                .apply(index, mvcc_store::WriteOp::Noop, &|_| false)?;
+            return Err(ApplyError::Lease(LeaseError::NotFound));
         };
         let txn = TxnRequest {
             success: keys
@@ -587,7 +584,7 @@ impl Applier {
             mvcc_store::WriteOp::Txn(&txn)
         };
         let mut applied = self.store.apply(index, op, &|_| false)?;
-        if let Err(e) = block_on(leases.revoke(id)) {
+        if let Err(e) = leases.revoke(id) {
             tracing::warn!(lease = id, error = %e, "lease vanished while being revoked");
         }
         self.publish(applied.revision, std::mem::take(&mut applied.events));
@@ -620,11 +617,6 @@ fn txn_read_only(t: &TxnRequest) -> bool {
             Some(request_op::Request::RequestTxn(inner)) => txn_read_only(inner),
             Some(_) => false,
         })
-}
-
-/// The applier runs on its own thread; lease calls are short round trips to the lease task.
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    futures::executor::block_on(f)
 }
 
 #[cfg(test)]

@@ -3,19 +3,19 @@
 //! [`Lessor`] is the synchronous, deterministic state: the applier feeds it the
 //! raft-ordered grant/revoke/attach/detach/checkpoint operations, and on the leader it
 //! also tracks deadlines, renews keep-alives and reports expired leases and due
-//! checkpoints. [`LeaseHandle`] reaches a tokio task owning the lessor over a typed
-//! `mpsc` channel of [`LeaseCommand`]s with `oneshot` replies; its ticker writes
-//! [`LeaseTick`]s (revokes and checkpoints to propose) to a channel the server drains.
-//! Lease records persist through a [`LeaseStore`].
+//! checkpoints. [`LeaseHandle`] shares one lessor between the applier and the gRPC layer,
+//! each call a short critical section; its ticker writes [`LeaseTick`]s (revokes and
+//! checkpoints to propose) to a channel the server drains. Lease records persist through
+//! a [`LeaseStore`].
 
-mod actor;
 mod clock;
+mod handle;
 mod lessor;
 pub mod metrics;
 mod store;
 
-pub use actor::{LeaseCommand, LeaseHandle, LeaseTick, TickerConfig};
 pub use clock::{Clock, FakeClock, SystemClock};
+pub use handle::{LeaseHandle, LeaseTick, TickerConfig};
 pub use lessor::{
     min_lease_ttl, LeaseInfo, LeaseTimeToLive, Lessor, LessorConfig, DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_EXPIRED_RETRY_INTERVAL, DEFAULT_REVOKE_RATE, MAX_LEASE_TTL, NO_LEASE,
@@ -34,7 +34,7 @@ pub enum LeaseError {
     /// Only the leader renews leases; the caller forwards to it.
     #[error("etcdserver: not primary")]
     NotPrimary,
-    /// The lease task is gone (server shutting down).
+    /// The lessor is gone (server shutting down).
     #[error("etcdserver: server stopped")]
     Stopped,
     #[error("lease store: {0}")]

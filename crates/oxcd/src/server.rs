@@ -217,10 +217,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         Arc::new(applier::StoreStateMachine(store.clone())),
     )?;
 
-    let (leases, _lease_task) = {
-        let _in_runtime = rt.enter();
-        LeaseHandle::spawn(lessor, 1024)
-    };
+    let leases = LeaseHandle::new(lessor);
     let applier = Applier::new(store.clone(), Some(events_tx), applied_tx)
         .with_leases(leases.clone())
         .with_membership(membership.clone())
@@ -667,13 +664,10 @@ async fn lease_leadership(gw: Gateway, leases: LeaseHandle, extend: Duration) {
             return;
         };
         if status.is_leader != primary {
-            let changed = if status.is_leader {
-                leases.promote(extend).await
+            if status.is_leader {
+                leases.promote(extend);
             } else {
-                leases.demote().await
-            };
-            if changed.is_err() {
-                return;
+                leases.demote();
             }
             primary = status.is_leader;
         }
