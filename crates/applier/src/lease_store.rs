@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use lease::{LeaseError, LeaseRecord, LeaseStore};
-use mvcc_store::{KvEngine, WriteBatch};
+use mvcc_store::{KvEngine, MvccStore, WriteBatch};
 
 const PREFIX: u8 = b'l';
 
@@ -17,11 +17,38 @@ fn key(id: i64) -> Vec<u8> {
 
 pub struct EngineLeaseStore {
     engine: Arc<dyn KvEngine>,
+    /// Where writes go when they belong to the entry being applied.
+    applied_with: Option<MvccStore>,
 }
 
 impl EngineLeaseStore {
+    /// Writes go straight to the engine, each in its own batch.
     pub fn new(engine: Arc<dyn KvEngine>) -> Self {
-        EngineLeaseStore { engine }
+        EngineLeaseStore {
+            engine,
+            applied_with: None,
+        }
+    }
+
+    /// For the lessor the applier drives: a write is staged in `store` and lands in the batch
+    /// of the raft entry that caused it (grant, revoke, checkpoint), with that entry's index.
+    /// Half the engine writes of a lease request, and no restart can find the record without
+    /// the index or the other way round.
+    pub fn applied_with(engine: Arc<dyn KvEngine>, store: MvccStore) -> Self {
+        EngineLeaseStore {
+            engine,
+            applied_with: Some(store),
+        }
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), LeaseError> {
+        match &self.applied_with {
+            Some(store) => {
+                store.stage(batch);
+                Ok(())
+            }
+            None => self.engine.write(batch).map_err(io),
+        }
     }
 }
 
@@ -66,13 +93,13 @@ impl LeaseStore for EngineLeaseStore {
         v.extend_from_slice(&r.remaining_ttl.to_be_bytes());
         let mut batch = WriteBatch::default();
         batch.put(key(r.id), v);
-        self.engine.write(batch).map_err(io)
+        self.write(batch)
     }
 
     fn delete(&mut self, id: i64) -> Result<(), LeaseError> {
         let mut batch = WriteBatch::default();
         batch.delete(key(id));
-        self.engine.write(batch).map_err(io)
+        self.write(batch)
     }
 }
 

@@ -551,17 +551,21 @@ impl Applier {
         }))
     }
 
-    /// Deletes the lease's keys in one revision, then forgets the lease: if the member stops
-    /// in between, the lease is still known and expires (or is revoked) again.
+    /// Forgets the lease and deletes its keys in one revision. The lessor stages the removal
+    /// of the lease record, so the record, the keys and the entry's index leave the engine in
+    /// one batch (as etcd drops the lease from its map before the key deletion commits).
     fn apply_revoke(&mut self, index: u64, id: i64) -> Result<ApplyResponse, ApplyError> {
         let leases = self
             .leases
             .clone()
             .ok_or(ApplyError::Lease(LeaseError::NotFound))?;
-        let Some(keys) = leases.keys(id) else {
-            self.store
-                .apply(index, mvcc_store::WriteOp::Noop, &|_| false)?;
-            return Err(ApplyError::Lease(LeaseError::NotFound));
+        let keys = match leases.revoke(id) {
+            Ok(keys) => keys,
+            Err(e) => {
+                self.store
+                    .apply(index, mvcc_store::WriteOp::Noop, &|_| false)?;
+                return Err(ApplyError::Lease(e));
+            }
         };
         let txn = TxnRequest {
             success: keys
@@ -584,9 +588,6 @@ impl Applier {
             mvcc_store::WriteOp::Txn(&txn)
         };
         let mut applied = self.store.apply(index, op, &|_| false)?;
-        if let Err(e) = leases.revoke(id) {
-            tracing::warn!(lease = id, error = %e, "lease vanished while being revoked");
-        }
         self.publish(applied.revision, std::mem::take(&mut applied.events));
         Ok(ApplyResponse::LeaseRevoke(LeaseRevokeResponse {
             header: Some(oxcd_proto::etcdserverpb::ResponseHeader {

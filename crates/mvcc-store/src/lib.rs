@@ -235,6 +235,9 @@ struct Shared {
     /// takes it exclusively per batch, so a reader never loses a value mid-read.
     compaction_guard: Arc<RwLock<()>>,
     compactor: std::sync::Mutex<std::sync::mpsc::Sender<CompactJob>>,
+    /// Records other layers keep beside the key-value data, waiting for the next applied
+    /// entry's batch (see `stage`).
+    staged: parking_lot::Mutex<WriteBatch>,
 }
 
 struct CompactJob {
@@ -266,6 +269,7 @@ impl MvccStore {
                 finished,
                 compaction_guard: guard,
                 compactor: std::sync::Mutex::new(tx),
+                staged: parking_lot::Mutex::new(WriteBatch::default()),
             }),
         };
         store.resume_compaction(loaded.dropped);
@@ -434,6 +438,18 @@ impl MvccStore {
         }
     }
 
+    /// Queues records another layer keeps beside the key-value data (lease records) for the
+    /// batch of the entry being applied: the next `apply` writes them together with that
+    /// entry's changes and index, so a restart finds both or neither, and an entry costs one
+    /// engine write instead of two.
+    pub fn stage(&self, batch: WriteBatch) {
+        self.shared.staged.lock().ops.extend(batch.ops);
+    }
+
+    fn take_staged(&self) -> WriteBatch {
+        std::mem::take(&mut *self.shared.staged.lock())
+    }
+
     /// Applies one replicated write: one engine batch holding its changes and `index`.
     /// An index at or below the applied one is a replay and changes nothing.
     pub fn apply(
@@ -482,7 +498,7 @@ impl MvccStore {
 
     fn compact(&self, index: u64, req: &CompactionRequest) -> Result<Applied, MvccError> {
         let rev = req.revision;
-        let mut batch = WriteBatch::default();
+        let mut batch = self.take_staged();
         if index != 0 {
             batch.put(META_APPLIED, (index as i64).to_be_bytes().to_vec());
         }

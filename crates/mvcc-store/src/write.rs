@@ -15,7 +15,7 @@ use oxcd_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use crate::index::{Change, KeyRange, Rev};
 use crate::META_APPLIED;
-use crate::{encode_value, header, range, rev_key, MvccError, MvccStore, WriteBatch};
+use crate::{encode_value, header, range, rev_key, MvccError, MvccStore};
 
 struct Pending {
     key: Vec<u8>,
@@ -378,7 +378,7 @@ impl<'a> WriteTxn<'a> {
     /// Writes the changes and the raft index in one batch, then makes them visible.
     pub fn commit(self, index: u64) -> Result<(i64, Vec<Event>), MvccError> {
         let shared = &self.store.shared;
-        let mut batch = WriteBatch::default();
+        let mut batch = self.store.take_staged();
         let rev = self.rev();
         for (sub, c) in self.changes.iter().enumerate() {
             let r = Rev {

@@ -643,7 +643,7 @@ fn open_lessor(
     let mut lessor = Lessor::new(
         lease_cfg,
         Arc::new(SystemClock),
-        Box::new(EngineLeaseStore::new(engine)),
+        Box::new(EngineLeaseStore::applied_with(engine, store.clone())),
     )
     .map_err(|e| ServerError::Lease(e.to_string()))?;
     for (lease, key) in store.leased_keys()? {
