@@ -65,6 +65,8 @@ pub struct HubStats {
     pub revision: i64,
     pub streams: usize,
     pub watchers: usize,
+    /// Distinct ranges watched (watchers on the same range share it).
+    pub ranges: usize,
     pub synced: usize,
     pub unsynced: usize,
     /// Streams whose sink was found full and not yet drained.
@@ -461,6 +463,7 @@ impl Hub {
                     revision: self.rev,
                     streams: self.streams.len(),
                     watchers: self.watchers.len(),
+                    ranges: self.ranges.len(),
                     synced: self.synced.len(),
                     unsynced: self.unsynced_count,
                     blocked_streams: self.streams.values().filter(|s| s.blocked()).count(),

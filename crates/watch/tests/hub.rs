@@ -296,6 +296,41 @@ async fn future_start_waits_for_the_store() {
     );
 }
 
+/// Watchers on the same range share one copy of it, kept while any of them (synced or not)
+/// is left, on any stream.
+#[tokio::test]
+async fn watchers_on_one_range_share_it_until_the_last_goes() {
+    let rig = Rig::new(WatchConfig::default());
+    rig.put(b"p/1", b"v").await;
+    let (ws, mut rx) = rig.stream(16);
+    let (other, mut orx) = rig.stream(16);
+    let a = ws.watch(spec(b"p/", b"p0")).await.unwrap();
+    let b = ws
+        .watch(WatchSpec {
+            start_revision: 1,
+            ..spec(b"p/", b"p0")
+        })
+        .await
+        .unwrap();
+    other.watch(spec(b"p/", b"p0")).await.unwrap();
+    let single = ws.watch(spec(b"p/1", b"")).await.unwrap();
+    created(&mut orx).await;
+    let ranges = |s: watch::HubStats| (s.watchers, s.ranges);
+    assert_eq!(ranges(rig.hub.stats().await.unwrap()), (4, 2));
+    ws.cancel(single).await.unwrap();
+    assert_eq!(ranges(rig.hub.stats().await.unwrap()), (3, 1));
+    ws.cancel(a).await.unwrap();
+    ws.cancel(b).await.unwrap();
+    assert_eq!(ranges(rig.hub.stats().await.unwrap()), (1, 1));
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(ranges(rig.hub.stats().await.unwrap()), (0, 0));
+    // The range is made anew for the next watcher on it.
+    ws.watch(spec(b"p/", b"p0")).await.unwrap();
+    assert_eq!(ranges(rig.hub.stats().await.unwrap()), (1, 1));
+    while rx.try_recv().is_ok() {}
+}
+
 #[tokio::test]
 async fn watch_ids_duplicates_and_cancel() {
     let rig = Rig::new(WatchConfig::default());
