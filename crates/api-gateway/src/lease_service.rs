@@ -1,5 +1,5 @@
 //! etcd's Lease service. Grants and revokes go through raft (every member applies them);
-//! keep-alives, time-to-live and listing ask the lease task, which on the leader tracks the
+//! keep-alives, time-to-live and listing ask the lessor, which on the leader tracks the
 //! deadlines.
 
 use std::pin::Pin;
@@ -36,7 +36,6 @@ impl LeaseService {
     }
 }
 
-/// A server-chosen lease id: positive, unlikely to collide, never 0 (0 means "no lease").
 /// A follower's keep-alive stream to the leader, opened on the first renewal it must forward.
 type LeaderStream = (
     mpsc::Sender<LeaseKeepAliveRequest>,
@@ -72,6 +71,7 @@ async fn forward_keep_alive(
     Err(last)
 }
 
+/// A server-chosen lease id: positive, unlikely to collide, never 0 (0 means "no lease").
 pub(crate) fn new_lease_id() -> i64 {
     loop {
         let id = rand::random::<i64>() & i64::MAX;
