@@ -22,8 +22,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 pub use connector::Connector;
-pub use rustls::{ClientConfig, ServerConfig};
 pub use listener::TlsListener;
+pub use rustls::{ClientConfig, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
