@@ -5,7 +5,9 @@
 //! [`History`] (the mvcc store) to catch watchers up on revisions they have not seen yet.
 //! Writes: [`Notice`]s to the bounded sink each watch stream hands in (one sink per gRPC stream,
 //! shared by the stream's watchers), never waiting on it: a full sink turns its watchers into
-//! "victims" that later re-read what they missed from History.
+//! "victims" that later re-read what they missed from History. Notices do not copy events:
+//! all watchers given one revision (or one history read) share it ([`WatchEvents`]), so
+//! memory grows with watchers and queued notices by a few words each, not by event sizes.
 //!
 //! One task (the hub) owns all watcher state: a synced group that receives events as they are
 //! published and an unsynced group that catches up from History in bounded batches on a

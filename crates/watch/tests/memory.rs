@@ -60,8 +60,9 @@ const HISTORY: usize = 50;
 /// Value size of the puts: large enough that a copy per watcher would show.
 const VALUE: usize = 200;
 
-/// Per watcher (hub state, range index, ids), the channel slot excluded.
-const MAX_BYTES_PER_WATCHER: f64 = 400.0;
+/// Per watcher (hub state, range index, ids, its share of its stream), the channel slot
+/// excluded; a copy of the range per watcher would exceed it.
+const MAX_BYTES_PER_WATCHER: f64 = 280.0;
 /// Per queued notice of one event (channel slot included).
 const MAX_BYTES_PER_LIVE_NOTICE: f64 = 128.0;
 /// Per queued catch-up notice of `HISTORY + QUEUED` events (channel slot, positions and the
