@@ -3,6 +3,7 @@
 //! deadlines.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use applier::{request_cost, ApplyResponse};
 use lease::{LeaseError, LeaseHandle, MAX_LEASE_TTL};
@@ -69,6 +70,24 @@ async fn forward_keep_alive(
         *stream = None;
     }
     Err(last)
+}
+
+/// Renews on this member's lessor. A leader whose lessor has not been promoted yet (it
+/// follows raft's leadership a moment later) waits for it instead of answering NotPrimary:
+/// forwarding would only reach itself again.
+async fn renew_here(gw: &Gateway, leases: &LeaseHandle, id: i64) -> Result<i64, LeaseError> {
+    let deadline = tokio::time::Instant::now() + gw.limits().request_timeout;
+    loop {
+        match leases.renew(id).await {
+            Err(LeaseError::NotPrimary)
+                if tokio::time::Instant::now() < deadline
+                    && gw.raft_status().await.is_ok_and(|s| s.is_leader) =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A server-chosen lease id: positive, unlikely to collide, never 0 (0 means "no lease").
@@ -166,7 +185,7 @@ impl Lease for LeaseService {
             let mut to_leader = None;
             while let Some(Ok(req)) = inbound.next().await {
                 // As etcd: an unknown lease is answered with TTL 0, not an error.
-                let ttl = match leases.renew(req.id).await {
+                let ttl = match renew_here(&gw, &leases, req.id).await {
                     Ok(ttl) => ttl,
                     Err(LeaseError::NotFound) => 0,
                     Err(LeaseError::NotPrimary) => {

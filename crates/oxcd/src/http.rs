@@ -98,12 +98,24 @@ fn alarm_check(gw: &Gateway, excluded: &[String]) -> Result<(), String> {
 }
 
 async fn check(gw: &Gateway) -> Result<(), String> {
+    published(gw)?;
     quorum_read(gw).await.map_err(|e| match e {
         ReadFailure::Raft(m) => format!("RAFT STATUS: {m}"),
         ReadFailure::NoLeader => "RAFT NO LEADER".to_string(),
         ReadFailure::Read(m) => format!("QGET ERROR:{m}"),
         ReadFailure::TimedOut => "QGET ERROR:timed out".to_string(),
     })
+}
+
+/// etcd serves no client request before this member's name and client URLs are in the
+/// replicated member list; oxcd serves earlier but is not healthy until then, because
+/// followers forward lease requests to the leader's published client URL.
+fn published(gw: &Gateway) -> Result<(), String> {
+    let me = gw.headers().member_id;
+    match gw.membership().get(me) {
+        Some(m) if !m.client_ur_ls.is_empty() => Ok(()),
+        _ => Err("NOT READY: member attributes not published yet".to_string()),
+    }
 }
 
 enum ReadFailure {
