@@ -1,6 +1,8 @@
 //! Requests only the leader can answer (lease keep-alives and remaining TTLs: only the leader
-//! tracks deadlines) are forwarded from a follower to the leader's client URL, as published in
-//! the membership records.
+//! tracks deadlines) are forwarded from a follower to the leader's peer URL, which serves the
+//! Lease service beside raft traffic, as etcd forwards them over its peer connections. Peer
+//! URLs are known from the start (client URLs only once the leader has published them), and
+//! the member-to-member TLS settings apply.
 
 use std::time::Duration;
 
@@ -9,8 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::errors::{GatewayError, StatusError};
 use crate::gateway::Gateway;
 
-/// A channel to the current leader's client API. Fails with "no leader" when there is none
-/// or its client URLs are not known yet.
+/// A channel to the current leader's Lease service. Fails with "no leader" when there is none
+/// or it cannot be reached.
 pub async fn leader_channel(gw: &Gateway) -> Result<Channel, StatusError> {
     let status = gw.raft_status().await?;
     if status.leader_id == 0 {
@@ -19,7 +21,7 @@ pub async fn leader_channel(gw: &Gateway) -> Result<Channel, StatusError> {
     let urls = gw
         .membership()
         .get(status.leader_id)
-        .map(|m| m.client_ur_ls)
+        .map(|m| m.peer_ur_ls)
         .unwrap_or_default();
     for url in urls {
         let Ok(ep) = Endpoint::from_shared(url) else {

@@ -60,7 +60,7 @@ struct Inner {
     members: Membership,
     alarms: Alarms,
     next_id: AtomicU64,
-    /// Dials the leader's client URLs for forwarded requests (TLS for `https://` ones).
+    /// Dials the leader's peer URLs for forwarded requests (TLS for `https://` ones).
     leader_dialer: oxcd_tls::Connector,
 }
 

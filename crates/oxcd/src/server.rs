@@ -253,7 +253,7 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
         book,
         compaction,
         gauges,
-        tls.client_dialer,
+        tls.peer_dialer.clone(),
     ));
     // Every sender to raft-node is gone once serve returns: the Ready loop ends, which closes
     // the committed channel, which ends the applier.
@@ -358,6 +358,11 @@ async fn serve(
         )
         .max_decoding_message_size(usize::MAX),
     )
+    // Followers forward lease keep-alives and TTL queries here, to the leader.
+    .add_service(LeaseServer::new(LeaseService::new(
+        gw.clone(),
+        leases.clone(),
+    )))
     .into_axum_router()
     .fallback(http::fallback);
     for &(addr, https) in &listeners.peer {

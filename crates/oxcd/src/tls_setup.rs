@@ -5,8 +5,8 @@
 //!   `--peer-auto-tls`, which make a self-signed one under `<data-dir>/fixtures/{client,peer}`;
 //! - a trusted CA file (or `--client-cert-auth`) makes the listener require client certificates
 //!   signed by it;
-//! - members dial each other's `https://` peer URLs presenting the peer certificate and trusting
-//!   the peer CA, and forward to the leader's `https://` client URLs with the client ones.
+//! - members dial each other's `https://` peer URLs (raft traffic, and lease requests forwarded
+//!   to the leader) presenting the peer certificate and trusting the peer CA.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,8 +38,6 @@ pub struct Tls {
     pub peer_listener: Option<Arc<ServerConfig>>,
     /// Dials other members' peer URLs.
     pub peer_dialer: Connector,
-    /// Dials other members' client URLs (requests forwarded to the leader).
-    pub client_dialer: Connector,
 }
 
 pub fn setup(cfg: &Config, data_dir: &Path) -> Result<Tls, TlsSetupError> {
@@ -63,13 +61,21 @@ pub fn setup(cfg: &Config, data_dir: &Path) -> Result<Tls, TlsSetupError> {
         fixtures: data_dir.join("fixtures").join("peer"),
         urls: split_urls(&cfg.listen_peer_urls),
     };
-    let (client_listener, client_dialer) = client.resolve()?;
-    let (peer_listener, peer_dialer) = peer.resolve()?;
+    let (client_listener, _) = client.resolve()?;
+    let (peer_listener, peer) = peer.resolve()?;
+    let peer_dialer = if peer.is_empty() {
+        Connector::new(None)
+    } else {
+        let tls_err = |source| TlsSetupError::Tls {
+            kind: "peer",
+            source,
+        };
+        Connector::new(Some(peer.client_config().map_err(tls_err)?))
+    };
     Ok(Tls {
         client_listener,
         peer_listener,
         peer_dialer,
-        client_dialer,
     })
 }
 
@@ -83,7 +89,9 @@ struct Side {
 }
 
 impl Side {
-    fn resolve(self) -> Result<(Option<Arc<ServerConfig>>, Connector), TlsSetupError> {
+    /// The listener config for this side's `https://` URLs, and its settings (auto TLS
+    /// resolved).
+    fn resolve(self) -> Result<(Option<Arc<ServerConfig>>, TlsInfo), TlsSetupError> {
         let kind = self.kind;
         let tls_err = |source| TlsSetupError::Tls { kind, source };
         let has_cert = self.info.cert_file.is_some() && self.info.key_file.is_some();
@@ -130,12 +138,7 @@ impl Side {
             }
             None
         };
-        let dialer = if info.is_empty() {
-            Connector::new(None)
-        } else {
-            Connector::new(Some(info.client_config().map_err(tls_err)?))
-        };
-        Ok((listener, dialer))
+        Ok((listener, info))
     }
 }
 
