@@ -1,5 +1,6 @@
 //! Requests only the leader can answer (lease keep-alives and remaining TTLs: only the leader
-//! tracks deadlines) are forwarded from a follower to the leader's peer URL, which serves the
+//! tracks deadlines; promotions: only the leader knows whether a learner is in sync) are
+//! forwarded from a follower to the leader's peer URL, which serves the
 //! Lease service beside raft traffic, as etcd forwards them over its peer connections. Peer
 //! URLs are known from the start (client URLs only once the leader has published them), and
 //! the member-to-member TLS settings apply.

@@ -358,11 +358,13 @@ async fn serve(
         )
         .max_decoding_message_size(usize::MAX),
     )
-    // Followers forward lease keep-alives and TTL queries here, to the leader.
+    // Followers forward to the leader here what only it can answer: lease keep-alives and
+    // TTL queries, and promotions (whether a learner is in sync), as etcd's peer handlers do.
     .add_service(LeaseServer::new(LeaseService::new(
         gw.clone(),
         leases.clone(),
     )))
+    .add_service(ClusterServer::new(ClusterService::new(gw.clone())))
     .into_axum_router()
     .fallback(http::fallback);
     for &(addr, https) in &listeners.peer {
