@@ -273,9 +273,10 @@ fn scenario(name: &'static str, quick: bool, scale: f64) -> Scenario {
             }
         }
         "lease-keepalive" => {
+            // 10k leases: the scale the lease issue asks the keep-alive path to be measured at.
             let a = LeaseArgs {
-                leases: s(1_000, 20),
-                total: s(40_000, 1_000),
+                leases: s(10_000, 20),
+                total: s(100_000, 1_000),
                 ttl: 300,
             };
             Scenario {
