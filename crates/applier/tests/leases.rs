@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use applier::{encode_request, Applier, ApplyError, ApplyResponse, EngineLeaseStore, Responder};
 use lease::{LeaseError, LeaseHandle, LeaseStore, Lessor, LessorConfig, SystemClock};
-use mvcc_store::{EngineError, KvEngine, MemEngine, MvccStore, WriteBatch};
+use mvcc_store::{
+    EngineError, KvEngine, MemEngine, MvccStore, ObservedEngine, WriteBatch, WriteObserver,
+};
 use oxcd_proto::etcdserverpb::{
     InternalRaftRequest, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest,
     LeaseRevokeRequest, PutRequest, RangeRequest,
@@ -16,47 +18,25 @@ use oxcd_proto::mvccpb::event::EventType;
 use raft_node::{Committed, CommittedEntry, EntryKind};
 use tokio::sync::{mpsc, oneshot};
 
-/// A MemEngine that counts the batches written to it.
+/// Counts the batches written to an engine.
 #[derive(Default)]
-struct CountingEngine {
-    inner: MemEngine,
-    writes: AtomicUsize,
+struct Counter(AtomicUsize);
+
+impl WriteObserver for Counter {
+    fn before_write(&self, _: &WriteBatch) -> Result<(), EngineError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
-impl KvEngine for CountingEngine {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        self.inner.get(key)
-    }
-    fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.write(batch)
-    }
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
-        self.inner.scan(start, end, f)
-    }
-    fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
-        self.inner.scan_all(f)
-    }
-    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
-        self.inner.replace_all(pairs)
-    }
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
-    }
-    fn size_in_use(&self) -> u64 {
-        self.inner.size_in_use()
-    }
-    fn compact_all(&self) -> Result<(), EngineError> {
-        self.inner.compact_all()
-    }
-    fn flush(&self) -> Result<(), EngineError> {
-        self.inner.flush()
-    }
+/// A MemEngine that counts the batches written to it.
+type CountingEngine = ObservedEngine<Counter>;
+
+fn counting_engine() -> Arc<CountingEngine> {
+    Arc::new(ObservedEngine::new(
+        Arc::new(MemEngine::default()),
+        Counter::default(),
+    ))
 }
 
 /// A member's applier with its lessor, as the server wires them, over `engine`.
@@ -107,7 +87,7 @@ impl Member {
         &mut self,
         req: InternalRaftRequest,
     ) -> (Result<ApplyResponse, ApplyError>, usize) {
-        let before = self.engine.writes.load(Ordering::SeqCst);
+        let before = self.engine.observer().0.load(Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
         let index = self.next;
         self.next += 1;
@@ -122,7 +102,10 @@ impl Member {
             .await
             .unwrap();
         let outcome = rx.await.unwrap();
-        (outcome, self.engine.writes.load(Ordering::SeqCst) - before)
+        (
+            outcome,
+            self.engine.observer().0.load(Ordering::SeqCst) - before,
+        )
     }
 
     fn records(&self) -> Vec<lease::LeaseRecord> {
@@ -179,7 +162,7 @@ fn live_keys(store: &MvccStore) -> Vec<Vec<u8>> {
 
 #[tokio::test]
 async fn grant_and_revoke_each_write_one_batch_with_their_index() {
-    let mut m = Member::start(Arc::new(CountingEngine::default()));
+    let mut m = Member::start(counting_engine());
 
     let (out, writes) = m.apply(grant(7, 60)).await;
     match out.unwrap() {
@@ -233,7 +216,7 @@ async fn grant_and_revoke_each_write_one_batch_with_their_index() {
 
 #[tokio::test]
 async fn leases_their_keys_and_checkpoints_survive_a_restart() {
-    let mut m = Member::start(Arc::new(CountingEngine::default()));
+    let mut m = Member::start(counting_engine());
     m.apply(grant(1, 30)).await.0.unwrap();
     m.apply(grant(2, 600)).await.0.unwrap();
     m.apply(put("k", 2)).await.0.unwrap();

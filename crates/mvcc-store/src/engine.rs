@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 
@@ -71,6 +72,71 @@ pub trait KvEngine: Send + Sync + 'static {
     fn compact_all(&self) -> Result<(), EngineError>;
     /// Moves buffered writes to durable files (RocksDB memtables to SST), e.g. before shutdown.
     fn flush(&self) -> Result<(), EngineError>;
+}
+
+/// Told about every batch an [`ObservedEngine`] writes: tests count, fail or interleave writes
+/// through it instead of re-implementing the engine.
+pub trait WriteObserver: Send + Sync + 'static {
+    /// Before `batch` is written; an error is returned instead of writing it.
+    fn before_write(&self, _batch: &WriteBatch) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// After a batch was written.
+    fn after_write(&self) {}
+}
+
+/// An engine that passes everything to `inner` and shows its writes to an observer.
+pub struct ObservedEngine<O> {
+    inner: Arc<dyn KvEngine>,
+    observer: O,
+}
+
+impl<O: WriteObserver> ObservedEngine<O> {
+    pub fn new(inner: Arc<dyn KvEngine>, observer: O) -> Self {
+        ObservedEngine { inner, observer }
+    }
+
+    pub fn observer(&self) -> &O {
+        &self.observer
+    }
+}
+
+impl<O: WriteObserver> KvEngine for ObservedEngine<O> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        self.inner.get(key)
+    }
+    fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        self.observer.before_write(&batch)?;
+        self.inner.write(batch)?;
+        self.observer.after_write();
+        Ok(())
+    }
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        self.inner.scan(start, end, f)
+    }
+    fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
+        self.inner.scan_all(f)
+    }
+    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
+        self.inner.replace_all(pairs)
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn size_in_use(&self) -> u64 {
+        self.inner.size_in_use()
+    }
+    fn compact_all(&self) -> Result<(), EngineError> {
+        self.inner.compact_all()
+    }
+    fn flush(&self) -> Result<(), EngineError> {
+        self.inner.flush()
+    }
 }
 
 /// In-memory engine for tests: same semantics, no disk.

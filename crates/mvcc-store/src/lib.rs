@@ -24,7 +24,9 @@ use oxcd_proto::mvccpb::{event::EventType, Event, KeyValue};
 use parking_lot::RwLock;
 use prost::Message;
 
-pub use engine::{EngineError, KvEngine, MemEngine, RocksEngine, WriteBatch};
+pub use engine::{
+    EngineError, KvEngine, MemEngine, ObservedEngine, RocksEngine, WriteBatch, WriteObserver,
+};
 use index::{Change, Index};
 pub use index::{KeyRange, Rev};
 

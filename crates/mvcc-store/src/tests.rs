@@ -1172,79 +1172,47 @@ fn range_limits_and_filters(f: &mut dyn Fixture) {
     assert!(r.kvs.iter().all(|kv| kv.value.is_empty()));
 }
 
-/// Wraps an engine to fail physical-compaction batches (the only writes made of deletes
-/// alone) on demand, and to run a hook right after every other write.
-struct Gated {
-    inner: Arc<dyn KvEngine>,
+/// Fails physical-compaction batches (the only writes made of deletes alone) on demand, and
+/// runs a hook right after every write.
+#[derive(Default)]
+struct Gate {
     fail_deletes: std::sync::atomic::AtomicBool,
-    after_write: std::sync::Mutex<Option<Box<dyn FnMut() + Send>>>,
+    hook: std::sync::Mutex<Option<Box<dyn FnMut() + Send>>>,
 }
 
-impl Gated {
-    fn new(inner: Arc<dyn KvEngine>) -> Arc<Gated> {
-        Arc::new(Gated {
-            inner,
-            fail_deletes: Default::default(),
-            after_write: Default::default(),
-        })
-    }
+type Gated = engine::ObservedEngine<Gate>;
+
+fn gated(inner: Arc<dyn KvEngine>) -> Arc<Gated> {
+    Arc::new(engine::ObservedEngine::new(inner, Gate::default()))
+}
+
+impl Gate {
     fn fail_deletes(&self, on: bool) {
         self.fail_deletes.store(on, Ordering::SeqCst);
     }
 }
 
-impl KvEngine for Gated {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        self.inner.get(key)
-    }
-    fn write(&self, batch: WriteBatch) -> Result<(), EngineError> {
+impl engine::WriteObserver for Gate {
+    fn before_write(&self, batch: &WriteBatch) -> Result<(), EngineError> {
         let deletes_only = !batch.is_empty()
             && batch
                 .ops
                 .iter()
                 .all(|op| matches!(op, engine::BatchOp::Delete(_)));
-        if deletes_only {
-            if self.fail_deletes.load(Ordering::SeqCst) {
-                return Err(EngineError::Other("injected failure".into()));
-            }
-            return self.inner.write(batch);
-        }
-        self.inner.write(batch)?;
-        if let Some(hook) = self.after_write.lock().unwrap().as_mut() {
-            hook();
+        if deletes_only && self.fail_deletes.load(Ordering::SeqCst) {
+            return Err(EngineError::Other("injected failure".into()));
         }
         Ok(())
     }
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
-        self.inner.scan(start, end, f)
-    }
-    fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
-        self.inner.scan_all(f)
-    }
-    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
-        self.inner.replace_all(pairs)
-    }
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
-    }
-    fn size_in_use(&self) -> u64 {
-        self.inner.size_in_use()
-    }
-    fn compact_all(&self) -> Result<(), EngineError> {
-        self.inner.compact_all()
-    }
-    fn flush(&self) -> Result<(), EngineError> {
-        self.inner.flush()
+    fn after_write(&self) {
+        if let Some(hook) = self.hook.lock().unwrap().as_mut() {
+            hook();
+        }
     }
 }
 
 fn failed_physical_compaction(inner: Arc<dyn KvEngine>) {
-    let g = Gated::new(inner);
+    let g = gated(inner);
     let s = MvccStore::open(g.clone()).unwrap();
     let mut w = W::new(s.clone());
     w.put("a", "1"); // 2
@@ -1252,7 +1220,7 @@ fn failed_physical_compaction(inner: Arc<dyn KvEngine>) {
     w.put("b", "1"); // 4
     w.del("b", ""); // 5
     w.put("c", "1"); // 6
-    g.fail_deletes(true);
+    g.observer().fail_deletes(true);
     w.compact(5).unwrap().compaction.unwrap().wait_blocking();
     assert_eq!(stored_mains(&*g), [2, 3, 4, 5, 6], "nothing was deleted");
     assert_eq!(finished_compaction(&*g), None);
@@ -1261,7 +1229,7 @@ fn failed_physical_compaction(inner: Arc<dyn KvEngine>) {
     assert_eq!(get(&s, "a", 5).unwrap().kvs[0].value, b"2");
     assert_eq!(s.events_since(5, 10).unwrap().len(), 1);
     let pending_hash = s.hash_kv(0).unwrap();
-    g.fail_deletes(false);
+    g.observer().fail_deletes(false);
     drop((w, s));
 
     let s = MvccStore::open(g.clone()).unwrap();
@@ -1275,9 +1243,9 @@ fn failed_physical_compaction(inner: Arc<dyn KvEngine>) {
     // the latest one and with it what the failed one left behind.
     let mut w = W::new(s.clone());
     w.put("a", "3"); // 7
-    g.fail_deletes(true);
+    g.observer().fail_deletes(true);
     w.compact(7).unwrap().compaction.unwrap().wait_blocking(); // would drop a@3
-    g.fail_deletes(false);
+    g.observer().fail_deletes(false);
     w.put("a", "4"); // 8
     w.compact(8).unwrap().compaction.unwrap().wait_blocking(); // would drop a@7
     assert_eq!(finished_compaction(&*g), Some(5));
@@ -1291,13 +1259,13 @@ fn failed_physical_compaction(inner: Arc<dyn KvEngine>) {
 }
 
 fn events_since_stays_within_the_visible_revision(inner: Arc<dyn KvEngine>) {
-    let g = Gated::new(inner);
+    let g = gated(inner);
     let s = MvccStore::open(g.clone()).unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     {
         let (s, seen) = (s.clone(), seen.clone());
         // Runs after a write reached the engine and before the index shows it.
-        *g.after_write.lock().unwrap() = Some(Box::new(move || {
+        *g.observer().hook.lock().unwrap() = Some(Box::new(move || {
             let current = s.current_revision();
             let newest = s
                 .events_since(1, 1000)
@@ -1312,7 +1280,7 @@ fn events_since_stays_within_the_visible_revision(inner: Arc<dyn KvEngine>) {
     w.put("a", "1");
     w.put("b", "1");
     w.del("a", "");
-    *g.after_write.lock().unwrap() = None; // the hook holds the store: let it go
+    *g.observer().hook.lock().unwrap() = None; // the hook holds the store: let it go
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 3);
     for (current, newest) in seen.iter() {
