@@ -49,10 +49,14 @@ impl Membership {
             members: Arc::new(RwLock::new(members)),
             version: Arc::new(watch::channel(0).0),
         };
-        if m.members.read().is_empty() {
+        if m.members.read().is_empty() && !initial.is_empty() {
             for member in initial {
                 m.save(member.clone())?;
             }
+            // No raft entry writes these again after a crash: make them durable now.
+            m.engine
+                .flush()
+                .map_err(|e| MembershipError::Store(e.to_string()))?;
         }
         Ok(m)
     }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -222,14 +223,26 @@ impl KvEngine for MemEngine {
     }
 }
 
-/// RocksDB. Writes are not fsynced here: the raft wal is, and on restart every entry after
-/// the applied index stored in this engine is applied again. RocksDB's own log stays on so a
-/// process crash loses nothing the kernel already has.
+/// RocksDB without its own write-ahead log: the raft wal is the log. Every write lands in a
+/// memtable; what reaches SST files (a flush: when a memtable fills, on `flush`, at close)
+/// is always a prefix of the writes, since there is one column family. After a crash the
+/// engine is at some earlier applied index and raft applies the entries after it again;
+/// raft drops its log only below what `flush` made durable (`MvccStore::persist`). A
+/// second log here would cost a write(2) per applied entry and buy nothing.
 pub struct RocksEngine {
     db: rocksdb::DB,
+    write_opts: rocksdb::WriteOptions,
     /// etcd's `etcd_disk_backend_commit_duration_seconds`: the time of each batch written.
     commit_seconds: metrics::Histogram,
+    born: std::time::Instant,
+    size: AtomicU64,
+    /// When `size` was read, in nanoseconds since `born`; 0: never.
+    size_read_at: AtomicU64,
 }
+
+/// How stale the engine size the quota check sees may be (etcd's backend size also moves
+/// only when its batch commits, every 100 ms).
+const SIZE_REFRESH: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl RocksEngine {
     pub fn open(path: &Path) -> Result<RocksEngine, EngineError> {
@@ -249,9 +262,15 @@ impl RocksEngine {
             metrics::Unit::Seconds,
             "The latency distributions of commit called by backend."
         );
+        let mut write_opts = rocksdb::WriteOptions::default();
+        write_opts.disable_wal(true);
         Ok(RocksEngine {
             db,
+            write_opts,
             commit_seconds: metrics::histogram!("etcd_disk_backend_commit_duration_seconds"),
+            born: std::time::Instant::now(),
+            size: AtomicU64::new(0),
+            size_read_at: AtomicU64::new(0),
         })
     }
 
@@ -277,9 +296,7 @@ impl KvEngine for RocksEngine {
                 BatchOp::DeleteRange(start, end) => b.delete_range(start, end),
             }
         }
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(false);
-        self.db.write_opt(b, &wo)?;
+        self.db.write_opt(b, &self.write_opts)?;
         self.commit_seconds.record(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -318,15 +335,24 @@ impl KvEngine for RocksEngine {
         for (k, v) in pairs {
             b.put(k, v);
         }
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(b, &wo)?;
-        Ok(())
+        self.db.write_opt(b, &self.write_opts)?;
+        // Durable before the caller records the snapshot in its log.
+        Ok(self.db.flush()?)
     }
 
     fn size_bytes(&self) -> u64 {
-        self.property("rocksdb.total-sst-files-size")
-            + self.property("rocksdb.cur-size-all-mem-tables")
+        // Asked for every write (the quota check); RocksDB's properties take its mutex and
+        // format strings, so they are read at most once per SIZE_REFRESH.
+        let now = self.born.elapsed().as_nanos() as u64;
+        let read_at = self.size_read_at.load(Ordering::Relaxed);
+        if read_at != 0 && now.saturating_sub(read_at) < SIZE_REFRESH.as_nanos() as u64 {
+            return self.size.load(Ordering::Relaxed);
+        }
+        let size = self.property("rocksdb.total-sst-files-size")
+            + self.property("rocksdb.cur-size-all-mem-tables");
+        self.size.store(size, Ordering::Relaxed);
+        self.size_read_at.store(now.max(1), Ordering::Relaxed);
+        size
     }
 
     fn size_in_use(&self) -> u64 {
