@@ -111,9 +111,26 @@ impl raft_node::StateMachine for StoreStateMachine {
     }
 }
 
-/// Fetches another member's whole state for a snapshot install: `(index, from)` → the
-/// records of an `MvccStore::export` by member `from`, reflecting at least `index`.
-pub type SnapshotFetch = Box<dyn FnMut(u64, u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> + Send>;
+/// Takes one record of a fetched snapshot.
+pub type SnapshotSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), String> + 'a;
+
+/// Where a member far behind gets another member's whole state for a snapshot install.
+pub trait SnapshotFetcher: Send {
+    /// Members to ask, best first, when member `from` sent raft's snapshot message.
+    fn candidates(&mut self, from: u64) -> Vec<u64>;
+    /// Streams the records of an `MvccStore::export` by `member`, reflecting at least
+    /// `index`, in order into `sink`; returns how many there were. After an error the
+    /// records handed on are discarded.
+    fn fetch(
+        &mut self,
+        index: u64,
+        member: u64,
+        sink: &mut SnapshotSink<'_>,
+    ) -> Result<u64, String>;
+}
+
+/// What `Applier::with_snapshots` installs snapshots with.
+pub type SnapshotFetch = Box<dyn SnapshotFetcher>;
 
 pub struct Applier {
     store: MvccStore,
@@ -217,11 +234,29 @@ impl Applier {
     }
 
     fn try_install(&mut self, index: u64, from: u64) -> Result<u64, String> {
-        let fetch = self.fetch_snapshot.as_mut().ok_or("no snapshot source")?;
+        let fetcher = self.fetch_snapshot.as_mut().ok_or("no snapshot source")?;
         let started = Instant::now();
-        let pairs = fetch(index, from)?;
-        let records = pairs.len();
-        self.store.install(pairs).map_err(|e| e.to_string())?;
+        let mut last = String::from("no member to fetch a snapshot from");
+        let mut installed = None;
+        for member in fetcher.candidates(from) {
+            // Records stream from the transfer into the engine. Every attempt starts over, so
+            // a transfer that breaks off leaves the store as it was.
+            let mut records = 0;
+            let outcome = self.store.install(&mut |sink| {
+                records = fetcher.fetch(index, member, &mut |k, v| {
+                    sink(k, v).map_err(|e| e.to_string())
+                })?;
+                Ok(())
+            });
+            match outcome {
+                Ok(()) => {
+                    installed = Some((member, records));
+                    break;
+                }
+                Err(e) => last = format!("from {member:x}: {e}"),
+            }
+        }
+        let (member, records) = installed.ok_or(last)?;
         if let Some(leases) = &self.leases {
             leases.reload().map_err(|e| e.to_string())?;
             for (lease, key) in self.store.leased_keys().map_err(|e| e.to_string())? {
@@ -238,6 +273,7 @@ impl Applier {
         tracing::info!(
             index,
             applied,
+            from = %format!("{member:x}"),
             records,
             revision = self.store.current_revision(),
             took_ms = started.elapsed().as_millis() as u64,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -16,6 +16,45 @@ pub enum EngineError {
     /// For engines other than RocksDB (and test doubles).
     #[error("engine: {0}")]
     Other(String),
+    #[error("replacement keys must strictly increase, {key:?} came after {after:?}")]
+    OutOfOrder { key: Vec<u8>, after: Vec<u8> },
+    #[error("key {0:?} is beyond the engine's key space")]
+    BeyondKeySpace(Vec<u8>),
+    #[error("staging file {path}: {source}")]
+    Staging {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Every key a layer above writes is below this: their first bytes are ASCII letters ('k'
+/// revisions and 'm/' meta in the mvcc store; 'l' leases, 'c' members, 'a' alarms in the
+/// applier). A replacement deletes `["", KEY_SPACE_END)` with one range tombstone; older keys
+/// at or beyond it (none are written) are deleted one by one, so nothing old survives.
+pub const KEY_SPACE_END: &[u8] = &[0xff];
+
+/// A whole new content for an engine, written beside the live one, which stays readable and
+/// unchanged until `commit`. Dropping it uncommitted discards what was written.
+pub trait Replacement {
+    /// Adds a record. Keys must strictly increase and lie below [`KEY_SPACE_END`].
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), EngineError>;
+    /// Swaps the content for what was put, atomically and durably: after a crash the engine
+    /// holds either the old content or the new one, whole.
+    fn commit(self: Box<Self>) -> Result<(), EngineError>;
+}
+
+/// The ordering and key-space checks every [`Replacement`] makes, given the previous key.
+fn check_next(last: Option<&[u8]>, key: &[u8]) -> Result<(), EngineError> {
+    if let Some(after) = last.filter(|last| key <= *last) {
+        return Err(EngineError::OutOfOrder {
+            key: key.to_vec(),
+            after: after.to_vec(),
+        });
+    }
+    if key >= KEY_SPACE_END {
+        return Err(EngineError::BeyondKeySpace(key.to_vec()));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -64,8 +103,10 @@ pub trait KvEngine: Send + Sync + 'static {
     /// Bytes the engine occupies (on disk for RocksDB).
     /// Every key in order, from one point-in-time view (snapshots for other members).
     fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError>;
-    /// Replaces the whole content with `pairs` in one durable (fsynced) batch.
-    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError>;
+    /// Starts replacing the whole content: records stream into the result one by one, so the
+    /// new content never has to fit in memory. Writes made before the commit belong to the
+    /// old content and go with it.
+    fn replace(&self) -> Result<Box<dyn Replacement + '_>, EngineError>;
     fn size_bytes(&self) -> u64;
     /// Bytes of live data.
     fn size_in_use(&self) -> u64;
@@ -123,8 +164,8 @@ impl<O: WriteObserver> KvEngine for ObservedEngine<O> {
     fn scan_all(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError> {
         self.inner.scan_all(f)
     }
-    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
-        self.inner.replace_all(pairs)
+    fn replace(&self) -> Result<Box<dyn Replacement + '_>, EngineError> {
+        self.inner.replace()
     }
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
@@ -197,9 +238,11 @@ impl KvEngine for MemEngine {
         Ok(())
     }
 
-    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
-        *self.map.write() = pairs.into_iter().collect();
-        Ok(())
+    fn replace(&self) -> Result<Box<dyn Replacement + '_>, EngineError> {
+        Ok(Box::new(MemReplacement {
+            engine: self,
+            map: BTreeMap::new(),
+        }))
     }
 
     fn size_bytes(&self) -> u64 {
@@ -223,6 +266,25 @@ impl KvEngine for MemEngine {
     }
 }
 
+/// The new content of a [`MemEngine`], swapped in whole.
+struct MemReplacement<'a> {
+    engine: &'a MemEngine,
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Replacement for MemReplacement<'_> {
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
+        check_next(self.map.last_key_value().map(|(k, _)| &k[..]), key)?;
+        self.map.insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), EngineError> {
+        *self.engine.map.write() = self.map;
+        Ok(())
+    }
+}
+
 /// RocksDB without its own write-ahead log: the raft wal is the log. Every write lands in a
 /// memtable; what reaches SST files (a flush: when a memtable fills, on `flush`, at close)
 /// is always a prefix of the writes, since there is one column family. After a crash the
@@ -232,6 +294,10 @@ impl KvEngine for MemEngine {
 pub struct RocksEngine {
     db: rocksdb::DB,
     write_opts: rocksdb::WriteOptions,
+    /// For the files replacements are staged in.
+    staging_opts: rocksdb::Options,
+    /// Numbers the staging files of this process.
+    staged: AtomicU64,
     /// etcd's `etcd_disk_backend_commit_duration_seconds`: the time of each batch written.
     commit_seconds: metrics::Histogram,
     born: std::time::Instant,
@@ -243,6 +309,10 @@ pub struct RocksEngine {
 /// How stale the engine size the quota check sees may be (etcd's backend size also moves
 /// only when its batch commits, every 100 ms).
 const SIZE_REFRESH: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Staging files of replacements live in the DB directory (ingestion then links instead of
+/// copying); RocksDB ignores names that are not its own.
+const STAGING_PREFIX: &str = "oxcd-install-";
 
 impl RocksEngine {
     pub fn open(path: &Path) -> Result<RocksEngine, EngineError> {
@@ -264,9 +334,17 @@ impl RocksEngine {
         );
         let mut write_opts = rocksdb::WriteOptions::default();
         write_opts.disable_wal(true);
+        // No bloom filter in staged files: its builder keeps a hash per key until the file is
+        // finished, memory growing with the snapshot. Reads of the ingested file only lose
+        // the shortcut for absent keys, until compaction rewrites it with one.
+        let mut staging_opts = rocksdb::Options::default();
+        staging_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        remove_staging_leftovers(path);
         Ok(RocksEngine {
             db,
             write_opts,
+            staging_opts,
+            staged: AtomicU64::new(0),
             commit_seconds: metrics::histogram!("etcd_disk_backend_commit_duration_seconds"),
             born: std::time::Instant::now(),
             size: AtomicU64::new(0),
@@ -321,23 +399,27 @@ impl KvEngine for RocksEngine {
         visit(it, f)
     }
 
-    fn replace_all(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), EngineError> {
-        let mut b = rocksdb::WriteBatch::default();
-        let mut it = self.db.raw_iterator();
-        it.seek_to_first();
-        while it.valid() {
-            if let Some(k) = it.key() {
-                b.delete(k);
+    fn replace(&self) -> Result<Box<dyn Replacement + '_>, EngineError> {
+        let n = self.staged.fetch_add(1, Ordering::Relaxed);
+        let path = self.db.path().join(format!("{STAGING_PREFIX}{n}.sst"));
+        // A name left by a crash after ingestion may be a second link to a live table file:
+        // opening it for writing would truncate that table, so it is unlinked first.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(EngineError::Staging { path, source: e })
             }
-            it.next();
+            _ => {}
         }
-        it.status()?;
-        for (k, v) in pairs {
-            b.put(k, v);
-        }
-        self.db.write_opt(b, &self.write_opts)?;
-        // Durable before the caller records the snapshot in its log.
-        Ok(self.db.flush()?)
+        let r = RocksReplacement {
+            engine: self,
+            writer: Some(rocksdb::SstFileWriter::create(&self.staging_opts)),
+            path,
+            last: None,
+            records: 0,
+            started: std::time::Instant::now(),
+        };
+        r.writer.as_ref().expect("just set").open(&r.path)?;
+        Ok(Box::new(r))
     }
 
     fn size_bytes(&self) -> u64 {
@@ -367,6 +449,99 @@ impl KvEngine for RocksEngine {
 
     fn flush(&self) -> Result<(), EngineError> {
         Ok(self.db.flush()?)
+    }
+}
+
+/// Unlinks staging files a crash left behind (after or before their ingestion).
+fn remove_staging_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove staging file");
+            }
+        }
+    }
+}
+
+/// A new content for a [`RocksEngine`], written to an SST file that one ingestion swaps in.
+struct RocksReplacement<'a> {
+    engine: &'a RocksEngine,
+    /// None once finished.
+    writer: Option<rocksdb::SstFileWriter<'a>>,
+    path: PathBuf,
+    /// The previous key, for the order check.
+    last: Option<Vec<u8>>,
+    records: u64,
+    started: std::time::Instant,
+}
+
+impl Replacement for RocksReplacement<'_> {
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
+        check_next(self.last.as_deref(), key)?;
+        let writer = self.writer.as_mut().expect("present until commit");
+        writer.put(key, value)?;
+        match &mut self.last {
+            Some(last) => {
+                last.clear();
+                last.extend_from_slice(key);
+            }
+            None => self.last = Some(key.to_vec()),
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), EngineError> {
+        let mut writer = self.writer.take().expect("present until commit");
+        let db = &self.engine.db;
+        // Keys beyond the range tombstone: none are written, but if one were it must not
+        // outlive the replacement. All of them sort after every put, as the file requires.
+        let mut it = db.raw_iterator();
+        it.seek(KEY_SPACE_END);
+        while it.valid() {
+            if let Some(k) = it.key() {
+                writer.delete(k)?;
+            }
+            it.next();
+        }
+        it.status()?;
+        drop(it);
+        // In RocksDB a file's range tombstone deletes only keys older than the file, never the
+        // file's own point keys: the whole old content goes, the puts become the new one.
+        writer.delete_range(b"".as_slice(), KEY_SPACE_END)?;
+        writer.finish()?;
+        drop(writer);
+        let mut ingest = rocksdb::IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        // One ingestion is one edit of RocksDB's manifest, synced together with the linked
+        // file: a crash leaves the old content or the new one. RocksDB first flushes the
+        // memtable, which the file overlaps.
+        db.ingest_external_file_opts(&ingest, vec![&self.path])?;
+        // Nothing should be left in memtables (the log is off); make sure before the caller
+        // records the snapshot as applied.
+        db.flush()?;
+        tracing::info!(
+            records = self.records,
+            took_ms = self.started.elapsed().as_millis() as u64,
+            "engine: content replaced"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for RocksReplacement<'_> {
+    fn drop(&mut self) {
+        // Closes the file before unlinking it. After a commit RocksDB moved it already.
+        drop(self.writer.take());
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staging file");
+            }
+            _ => {}
+        }
     }
 }
 

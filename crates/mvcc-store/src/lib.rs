@@ -25,7 +25,8 @@ use parking_lot::RwLock;
 use prost::Message;
 
 pub use engine::{
-    EngineError, KvEngine, MemEngine, ObservedEngine, RocksEngine, WriteBatch, WriteObserver,
+    EngineError, KvEngine, MemEngine, ObservedEngine, Replacement, RocksEngine, WriteBatch,
+    WriteObserver, KEY_SPACE_END,
 };
 use index::{Change, Index};
 pub use index::{KeyRange, Rev};
@@ -44,7 +45,13 @@ pub enum MvccError {
     Engine(#[from] EngineError),
     #[error("mvcc: corrupt store: {0}")]
     Corrupt(String),
+    /// What feeds `install` failed; the store kept its content.
+    #[error("mvcc: snapshot source: {0}")]
+    SnapshotSource(String),
 }
+
+/// Takes one record of a snapshot being installed (see `MvccStore::install`).
+pub type RecordSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), MvccError> + 'a;
 
 pub enum WriteOp<'a> {
     Put(&'a PutRequest),
@@ -298,12 +305,20 @@ impl MvccStore {
     }
 
     /// Replaces the whole store with an `export` of another member, durably, and reloads the
-    /// in-memory index from it. Readers wait meanwhile; the caller must not apply concurrently.
-    pub fn install(&self, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), MvccError> {
+    /// in-memory index from it. `fill` hands the records, in order, to the sink it is given;
+    /// they stream into the engine beside the current content, which readers keep seeing
+    /// until `fill` returns. If it fails, nothing changes. Readers wait while the content is
+    /// swapped and the index reloaded; the caller must not apply concurrently.
+    pub fn install(
+        &self,
+        fill: &mut dyn FnMut(&mut RecordSink<'_>) -> Result<(), String>,
+    ) -> Result<(), MvccError> {
+        let mut replacement = self.shared.engine.replace()?;
+        fill(&mut |k, v| Ok(replacement.put(k, v)?)).map_err(MvccError::SnapshotSource)?;
         let dropped = {
             let _exclusive = self.shared.compaction_guard.write();
             let mut state = self.shared.state.write();
-            self.shared.engine.replace_all(pairs)?;
+            replacement.commit()?;
             let loaded = Loaded::read(&*self.shared.engine)?;
             *state = loaded.state;
             self.shared.applied.store(loaded.applied, Ordering::Release);

@@ -1375,7 +1375,13 @@ fn export_then_install_elsewhere(f: &mut dyn Fixture) {
     let d = dst.store();
     let mut wd = W::new(d.clone());
     wd.put("stale", "x");
-    d.install(pairs).unwrap();
+    d.install(&mut |sink| {
+        for (k, v) in &pairs {
+            sink(k, v).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+    .unwrap();
     drop((wd, d));
     for reopen in [false, true] {
         let s = if reopen { dst.reopen() } else { dst.store() };
@@ -1393,6 +1399,70 @@ fn export_then_install_elsewhere(f: &mut dyn Fixture) {
     let mut wd = W::new(s.clone());
     let r = wd.put("next", "1");
     assert_eq!(rev_of_put(&r), src.current_revision() + 1);
+}
+
+/// A transfer that breaks off, or records the engine refuses, leave the store as it was,
+/// readable and writable, and a later install still works.
+fn failed_install_keeps_the_store(f: &mut dyn Fixture) {
+    let source = mem();
+    let mut w = W::new(source.store());
+    for i in 0..50 {
+        w.put(&format!("k{i:02}"), "new");
+    }
+    let mut pairs = Vec::new();
+    source
+        .store()
+        .export(&mut |k, v| {
+            pairs.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .unwrap();
+    let feed = |pairs: &mut dyn Iterator<Item = &(Vec<u8>, Vec<u8>)>,
+                sink: &mut RecordSink<'_>|
+     -> Result<(), String> {
+        for (k, v) in pairs {
+            sink(k, v).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+
+    let d = f.store();
+    W::new(d.clone()).put("old", "x");
+    let before = (
+        d.applied_index(),
+        d.current_revision(),
+        d.hash_kv(0).unwrap(),
+    );
+    let broken = d.install(&mut |sink| {
+        feed(&mut pairs[..pairs.len() / 2].iter(), sink)?;
+        Err("stream ended early".into())
+    });
+    assert!(
+        matches!(broken, Err(MvccError::SnapshotSource(_))),
+        "{broken:?}"
+    );
+    let unordered = d.install(&mut |sink| feed(&mut pairs.iter().rev(), sink));
+    assert!(
+        matches!(&unordered, Err(MvccError::SnapshotSource(e)) if e.contains("increase")),
+        "{unordered:?}"
+    );
+    drop(d);
+    for reopen in [false, true] {
+        let s = if reopen { f.reopen() } else { f.store() };
+        let now = (
+            s.applied_index(),
+            s.current_revision(),
+            s.hash_kv(0).unwrap(),
+        );
+        assert_eq!(now, before);
+        assert_eq!(get(&s, "old", 0).unwrap().kvs[0].value, b"x");
+        assert!(get(&s, "k00", 0).unwrap().kvs.is_empty());
+    }
+    let d = f.store();
+    d.install(&mut |sink| feed(&mut pairs.iter(), sink))
+        .unwrap();
+    assert_eq!(d.hash_kv(0).unwrap(), source.store().hash_kv(0).unwrap());
+    assert!(get(&d, "old", 0).unwrap().kvs.is_empty());
 }
 
 fn rev_of_put(r: &PutResponse) -> i64 {
@@ -1428,6 +1498,7 @@ both_engines!(
     engine_delete_range_and_flush,
     range_limits_and_filters,
     export_then_install_elsewhere,
+    failed_install_keeps_the_store,
 );
 
 #[derive(Debug, Clone)]

@@ -593,34 +593,59 @@ async fn listen(
 }
 
 /// A member behind the leader's compacted log fetches the leader's state over the peer
-/// transport (from the applier's thread, which waits for it). If the leader cannot serve it
-/// (it died or stepped down meanwhile), any other member that applied at least as far can.
+/// transport (from the applier's thread, which waits for it), storing records as they
+/// arrive. If the leader cannot serve it (it died or stepped down meanwhile), any other
+/// member that applied at least as far can.
 fn snapshot_fetch(
     identity: &Identity,
     book: AddressBook,
     membership: Membership,
     rt: tokio::runtime::Handle,
 ) -> applier::SnapshotFetch {
-    let (me, cluster_id) = (identity.member_id, identity.cluster_id);
-    Box::new(move |index, from| {
-        let others = membership
-            .list()
-            .into_iter()
-            .map(|m| m.id)
-            .filter(|id| *id != me && *id != from);
-        let mut last = String::from("no member to fetch a snapshot from");
-        for to in std::iter::once(from).chain(others) {
-            let header = oxcd_proto::oxcdpeerpb::PeerHeader {
-                cluster_id,
-                from: me,
-                to,
-            };
-            match rt.block_on(peer_transport::fetch_snapshot(&book, header, index)) {
-                Ok(pairs) => return Ok(pairs),
-                Err(e) => last = format!("from {to:x}: {e}"),
-            }
+    struct PeerSnapshots {
+        me: u64,
+        cluster_id: u64,
+        book: AddressBook,
+        membership: Membership,
+        rt: tokio::runtime::Handle,
+    }
+
+    impl applier::SnapshotFetcher for PeerSnapshots {
+        fn candidates(&mut self, from: u64) -> Vec<u64> {
+            let others = self
+                .membership
+                .list()
+                .into_iter()
+                .map(|m| m.id)
+                .filter(|id| *id != self.me && *id != from);
+            std::iter::once(from).chain(others).collect()
         }
-        Err(last)
+
+        fn fetch(
+            &mut self,
+            index: u64,
+            member: u64,
+            sink: &mut applier::SnapshotSink<'_>,
+        ) -> Result<u64, String> {
+            let header = oxcd_proto::oxcdpeerpb::PeerHeader {
+                cluster_id: self.cluster_id,
+                from: self.me,
+                to: member,
+            };
+            self.rt
+                .block_on(peer_transport::fetch_snapshot(
+                    &self.book, header, index, sink,
+                ))
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    Box::new(PeerSnapshots {
+        me: identity.member_id,
+        cluster_id: identity.cluster_id,
+        book,
+        membership,
+        rt,
     })
 }
 

@@ -1,6 +1,6 @@
 //! Whole-state transfer for a member the leader can no longer catch up from its log: the
 //! serving side streams a point-in-time export of its store in chunks, the receiving side
-//! collects and checks it. What a record means is the store's business; here they are bytes.
+//! hands the records on as they arrive and checks their count. What a record means is the store's business; here they are bytes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +25,9 @@ pub trait SnapshotSource: Send + Sync + 'static {
     fn export(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), String>;
 }
 
+/// Takes one received record; its error stops the transfer.
+pub type RecordSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), String> + 'a;
+
 /// Appends one record in the wire layout.
 pub fn put_record(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     buf.extend_from_slice(&(key.len() as u32).to_be_bytes());
@@ -33,23 +36,21 @@ pub fn put_record(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     buf.extend_from_slice(value);
 }
 
-/// Splits a chunk's records back into pairs.
-pub fn parse_records(
-    mut buf: &[u8],
-    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-) -> Result<usize, TransportError> {
+/// Hands a chunk's records to `sink` in order; returns how many there were. A sink's error
+/// stops the parsing.
+pub fn parse_records(mut buf: &[u8], sink: &mut RecordSink<'_>) -> Result<usize, TransportError> {
     let bad = || TransportError::Snapshot("truncated snapshot record".into());
     let mut n = 0;
     while !buf.is_empty() {
-        let mut field = || -> Result<Vec<u8>, TransportError> {
+        let mut field = || -> Result<&[u8], TransportError> {
             let len = u32::from_be_bytes(buf.get(..4).ok_or_else(bad)?.try_into().expect("4"));
-            let body = buf.get(4..4 + len as usize).ok_or_else(bad)?.to_vec();
+            let body = buf.get(4..4 + len as usize).ok_or_else(bad)?;
             buf = &buf[4 + len as usize..];
             Ok(body)
         };
         let k = field()?;
         let v = field()?;
-        out.push((k, v));
+        sink(k, v).map_err(|e| TransportError::Snapshot(format!("storing a record: {e}")))?;
         n += 1;
     }
     Ok(n)
@@ -115,13 +116,16 @@ pub(crate) fn serve(
     rx
 }
 
-/// Fetches the state of member `from` (the leader that sent raft's snapshot message), at
-/// least as new as `min_applied`. Every record arrives or the call fails.
+/// Fetches the state of member `header.to` (the leader that sent raft's snapshot message, or
+/// another member), at least as new as `min_applied`, handing each record to `sink` as its
+/// chunk arrives: only a chunk is held at a time. Returns the number of records. On an error
+/// the records already handed on are an incomplete state, for the caller to discard.
 pub async fn fetch_snapshot(
     book: &AddressBook,
     header: PeerHeader,
     min_applied: u64,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TransportError> {
+    sink: &mut RecordSink<'_>,
+) -> Result<u64, TransportError> {
     let mut client = crate::connect(book, header.to).await?;
     let started = Instant::now();
     let mut stream = client
@@ -132,7 +136,6 @@ pub async fn fetch_snapshot(
         .await
         .map_err(|s| TransportError::Snapshot(s.message().to_string()))?
         .into_inner();
-    let mut pairs = Vec::new();
     let mut got = 0u64;
     loop {
         let chunk = stream
@@ -140,7 +143,7 @@ pub async fn fetch_snapshot(
             .await
             .map_err(|s| TransportError::Snapshot(s.message().to_string()))?
             .ok_or_else(|| TransportError::Snapshot("snapshot stream ended early".into()))?;
-        got += parse_records(&chunk.records, &mut pairs)? as u64;
+        got += parse_records(&chunk.records, sink)? as u64;
         if chunk.last {
             if got != chunk.total_records {
                 return Err(TransportError::Snapshot(format!(
@@ -157,5 +160,5 @@ pub async fn fetch_snapshot(
         took_ms = started.elapsed().as_millis() as u64,
         "received snapshot"
     );
-    Ok(pairs)
+    Ok(got)
 }

@@ -189,3 +189,153 @@ async fn hash_kv_answers_members_of_the_cluster_only() {
         Err(HashKvError::Failed(_))
     ));
 }
+
+/// Exports `records` records of 1 KiB; after `gate_after` of them it waits (up to 5 s) until
+/// the receiver stored one, and fails after `fail_after`.
+struct FakeSnapshots {
+    records: u64,
+    gate_after: u64,
+    fail_after: Option<u64>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SnapshotSource for FakeSnapshots {
+    fn applied(&self) -> u64 {
+        10
+    }
+
+    fn export(&self, f: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), String> {
+        let value = vec![7u8; 1024];
+        for i in 0..self.records {
+            if Some(i) == self.fail_after {
+                return Err("disk on fire".into());
+            }
+            if i == self.gate_after {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while self.received.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    if std::time::Instant::now() > deadline {
+                        return Err("receiver stored nothing before the end".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            if !f(&i.to_be_bytes(), &value) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn serve_snapshots(source: FakeSnapshots) -> AddressBook {
+    let (tx, _rx) = mpsc::channel::<Cmd>(16);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let svc = RaftPeerService::new(2, 7, tx, Arc::new(Vec::new)).with_snapshots(Arc::new(source));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RaftPeerServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let book = AddressBook::new();
+    book.set(2, vec![url]);
+    book
+}
+
+const SNAPSHOT_HEADER: PeerHeader = PeerHeader {
+    cluster_id: 7,
+    from: 1,
+    to: 2,
+};
+
+/// Records reach the sink in order while the sender is still exporting: the sender waits
+/// for the first one to be stored after more chunks than the transfer buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_records_are_handed_on_as_chunks_arrive() {
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let book = serve_snapshots(FakeSnapshots {
+        records: 20_000,
+        gate_after: 12_000,
+        fail_after: None,
+        received: received.clone(),
+    })
+    .await;
+    let mut next = 0u64;
+    let n = fetch_snapshot(&book, SNAPSHOT_HEADER, 10, &mut |k, v| {
+        assert_eq!(k, next.to_be_bytes());
+        assert_eq!(v.len(), 1024);
+        next += 1;
+        received.store(next, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!((n, next), (20_000, 20_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_sink_or_sender_fails_the_fetch() {
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let book = serve_snapshots(FakeSnapshots {
+        records: 5_000,
+        gate_after: u64::MAX,
+        fail_after: None,
+        received: received.clone(),
+    })
+    .await;
+    let mut stored = 0;
+    let err = fetch_snapshot(&book, SNAPSHOT_HEADER, 10, &mut |_, _| {
+        stored += 1;
+        if stored == 1500 {
+            return Err("no space".into());
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("no space"), "{err}");
+    assert_eq!(stored, 1500, "records went on after the sink failed");
+
+    let book = serve_snapshots(FakeSnapshots {
+        records: 5_000,
+        gate_after: u64::MAX,
+        fail_after: Some(3_000),
+        received,
+    })
+    .await;
+    let mut stored = 0;
+    let err = fetch_snapshot(&book, SNAPSHOT_HEADER, 10, &mut |_, _| {
+        stored += 1;
+        Ok(())
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("disk on fire"), "{err}");
+    assert!(stored < 3_000);
+}
+
+#[test]
+fn records_parse_back_and_truncation_is_refused() {
+    let mut buf = Vec::new();
+    put_record(&mut buf, b"k1", b"v1");
+    put_record(&mut buf, b"", b"");
+    put_record(&mut buf, b"k3", &[9; 300]);
+    let mut got = Vec::new();
+    let n = parse_records(&buf, &mut |k, v| {
+        got.push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(
+        got,
+        [
+            (b"k1".to_vec(), b"v1".to_vec()),
+            (vec![], vec![]),
+            (b"k3".to_vec(), vec![9; 300])
+        ]
+    );
+    for cut in [1, 5, buf.len() - 1] {
+        assert!(parse_records(&buf[..cut], &mut |_, _| Ok(())).is_err());
+    }
+}
