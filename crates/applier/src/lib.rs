@@ -145,6 +145,8 @@ pub struct Applier {
     fetch_snapshot: Option<SnapshotFetch>,
     /// None: alarm entries change nothing and no write is ever refused for space.
     alarms: Option<(Alarms, Quota)>,
+    /// Events of the batch being applied, not yet handed to the watch hub.
+    unsent: Vec<Events>,
 }
 
 impl Applier {
@@ -161,6 +163,7 @@ impl Applier {
             membership: None,
             fetch_snapshot: None,
             alarms: None,
+            unsent: Vec::new(),
         }
     }
 
@@ -201,7 +204,11 @@ impl Applier {
                 last = Some(entry.index);
                 self.apply_entry(entry);
             }
+            self.send_events();
             if let Some(index) = last {
+                // A gauge holding the applied index, as etcd exports it despite the name.
+                metrics::gauge!("etcd_server_proposals_applied_total").set(index as f64);
+                metrics::gauge!("oxcd_applier_applied_index").set(index as f64);
                 self.applied_tx.send_replace(index);
             }
         }
@@ -286,9 +293,6 @@ impl Applier {
         let started = Instant::now();
         let index = entry.index;
         let outcome = self.apply_payload(index, entry.kind, &entry.data);
-        // A gauge holding the applied index, as etcd exports it despite the name.
-        metrics::gauge!("etcd_server_proposals_applied_total").set(index as f64);
-        metrics::gauge!("oxcd_applier_applied_index").set(index as f64);
         let took = started.elapsed();
         if took.as_millis() >= 100 {
             tracing::warn!(
@@ -522,10 +526,21 @@ impl Applier {
         Ok(ApplyResponse::Alarm(resp))
     }
 
-    fn publish(&self, revision: i64, events: Vec<Event>) {
-        if let (Some(tx), false) = (&self.events_tx, events.is_empty()) {
+    /// Queues a revision's events for the watch hub; `send_events` hands them over once the
+    /// whole committed batch is applied.
+    fn publish(&mut self, revision: i64, events: Vec<Event>) {
+        if self.events_tx.is_some() && !events.is_empty() {
+            self.unsent.push(Events { revision, events });
+        }
+    }
+
+    /// One hand-over per committed batch rather than per entry: each send to a parked hub
+    /// wakes a runtime thread, which under load cost more than the events themselves.
+    fn send_events(&mut self) {
+        let Some(tx) = &self.events_tx else { return };
+        for ev in self.unsent.drain(..) {
             // Blocking send: the watch hub drains quickly and must see every revision.
-            if tx.blocking_send(Events { revision, events }).is_err() {
+            if tx.blocking_send(ev).is_err() {
                 tracing::debug!("watch hub gone; events dropped");
             }
         }
