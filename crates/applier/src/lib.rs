@@ -218,7 +218,7 @@ impl Applier {
     /// Replaces this member's state with the leader's (every entry delivered before is
     /// applied by now), then rebuilds what other layers keep in memory from it: lease
     /// records with their keys, and the member list. Retried a few times, since the leader
-    /// may be busy or changing; raft-node stops if it cannot be done at all.
+    /// may be busy or changing; raft-node asks again, with backoff, if it cannot be done now.
     fn install_snapshot(&mut self, snap: InstallSnapshot) {
         let mut outcome = Err("no snapshot source".to_string());
         for attempt in 0..5 {

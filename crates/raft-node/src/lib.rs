@@ -12,7 +12,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -226,6 +226,8 @@ pub struct RaftStats {
 pub struct RaftHandle {
     thread: Option<JoinHandle<()>>,
     stop: Arc<Notify>,
+    /// Also set on shutdown, for waits outside the loop's select (a snapshot install retry).
+    stopping: Arc<AtomicBool>,
     pub stats: Arc<RaftStats>,
 }
 
@@ -241,10 +243,15 @@ impl RaftHandle {
     /// commands are dropped; waiting reads are answered `Stopped`.
     pub fn shutdown(self) {
         // A stored permit: the loop sees it even if it is busy with a Ready right now.
+        self.stopping.store(true, Ordering::Release);
         self.stop.notify_one();
         self.join();
     }
 }
+
+/// Backoff between attempts to install a snapshot the applier could not fetch.
+const SNAPSHOT_RETRY_MIN: Duration = Duration::from_millis(200);
+const SNAPSHOT_RETRY_MAX: Duration = Duration::from_secs(5);
 
 struct Pending<R> {
     reply: R,
@@ -290,6 +297,7 @@ pub struct RaftNode<R> {
     catchup_entries: u64,
     /// Applied index of the last compaction attempt that could not compact.
     compact_checked: u64,
+    stopping: Arc<AtomicBool>,
 }
 
 fn slog_logger() -> slog::Logger {
@@ -388,10 +396,12 @@ impl<R: Send + 'static> RaftNode<R> {
             snapshot_count: cfg.snapshot_count.max(1),
             catchup_entries: cfg.snapshot_catchup_entries,
             compact_checked: 0,
+            stopping: Arc::new(AtomicBool::new(false)),
         };
         let tick = cfg.tick_interval;
         let stop = Arc::new(Notify::new());
         let stop_rx = stop.clone();
+        let stopping = node.stopping.clone();
         let thread = std::thread::Builder::new()
             .name("raft-node".into())
             .spawn(move || node.run(commands, tick, stop_rx))
@@ -399,6 +409,7 @@ impl<R: Send + 'static> RaftNode<R> {
         Ok(RaftHandle {
             thread: Some(thread),
             stop,
+            stopping,
             stats,
         })
     }
@@ -453,7 +464,9 @@ impl<R: Send + 'static> RaftNode<R> {
                 self.expire_proposals();
                 next_tick = Instant::now() + tick;
             }
-            if let Err(e) = self.process() {
+            let stopping = self.stopping.clone();
+            let stopped = || commands.is_closed() || stopping.load(Ordering::Acquire);
+            if let Err(e) = self.process(&stopped) {
                 // The wal could not be written: acknowledging anything further would be a lie.
                 tracing::error!(error = %e, "raft: cannot persist, stopping");
                 break;
@@ -470,11 +483,11 @@ impl<R: Send + 'static> RaftNode<R> {
 
     /// One pass after the commands: read rounds, then the Ready. A read held back until the
     /// leader commits in its term can go once that Ready committed it, so look again.
-    fn process(&mut self) -> Result<(), RaftError> {
+    fn process(&mut self, stopped: &dyn Fn() -> bool) -> Result<(), RaftError> {
         self.step_reads();
-        self.on_ready()?;
+        self.on_ready(stopped)?;
         if self.step_reads() {
-            self.on_ready()?;
+            self.on_ready(stopped)?;
         }
         Ok(())
     }
@@ -614,7 +627,7 @@ impl<R: Send + 'static> RaftNode<R> {
     }
 
     /// persist → send → apply → advance, as raft-rs requires.
-    fn on_ready(&mut self) -> Result<(), RaftError> {
+    fn on_ready(&mut self, stopped: &dyn Fn() -> bool) -> Result<(), RaftError> {
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -626,7 +639,7 @@ impl<R: Send + 'static> RaftNode<R> {
             self.transport.send(ready.take_messages());
         }
         if !ready.snapshot().is_empty() {
-            self.install_snapshot(ready.snapshot().clone())?;
+            self.install_snapshot(ready.snapshot().clone(), stopped)?;
         }
         self.answer_reads(ready.take_read_states());
         // raft-rs hands out only entries whose persistence finished, so applying first is safe.
@@ -661,8 +674,44 @@ impl<R: Send + 'static> RaftNode<R> {
     }
 
     /// The state machine takes the leader's state first (through the applier, after every
-    /// entry delivered before), then the log records the snapshot.
-    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), RaftError> {
+    /// entry delivered before), then the log records the snapshot. A failed install (the
+    /// leader died or stepped down mid-transfer, every other member was busy) is asked for
+    /// again with backoff until it works or the loop is stopped: this member can do nothing
+    /// useful before it has the state, and stopping would take it out of the cluster for good.
+    fn install_snapshot(
+        &mut self,
+        snap: Snapshot,
+        stopped: &dyn Fn() -> bool,
+    ) -> Result<(), RaftError> {
+        let mut backoff = SNAPSHOT_RETRY_MIN;
+        loop {
+            match self.request_install(&snap) {
+                Ok(()) => break,
+                Err(RaftError::Snapshot(why)) => {
+                    tracing::warn!(
+                        error = %why,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "raft: snapshot not installed; asking again"
+                    );
+                    metrics::counter!("oxcd_snapshot_install_failures_total").increment(1);
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until {
+                        if stopped() {
+                            return Err(RaftError::Stopped);
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    backoff = (backoff * 2).min(SNAPSHOT_RETRY_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.raw.mut_store().apply_snapshot(snap)?;
+        Ok(())
+    }
+
+    /// One install request to the applier; `RaftError::Snapshot` when it could not be done.
+    fn request_install(&mut self, snap: &Snapshot) -> Result<(), RaftError> {
         let md = snap.get_metadata();
         let (done, answer) = std::sync::mpsc::channel();
         let request = InstallSnapshot {
@@ -683,9 +732,10 @@ impl<R: Send + 'static> RaftNode<R> {
                 entries: Vec::new(),
             })
             .map_err(|_| RaftError::Stopped)?;
+        // An applier that drops the request without answering is going away.
         let applied = answer
             .recv()
-            .map_err(|_| RaftError::Snapshot("the applier is gone".into()))?
+            .map_err(|_| RaftError::Stopped)?
             .map_err(RaftError::Snapshot)?;
         if applied < md.index {
             return Err(RaftError::Snapshot(format!(
@@ -693,7 +743,6 @@ impl<R: Send + 'static> RaftNode<R> {
                 md.index
             )));
         }
-        self.raw.mut_store().apply_snapshot(snap)?;
         Ok(())
     }
 

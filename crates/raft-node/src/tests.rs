@@ -742,3 +742,131 @@ async fn the_log_is_compacted_every_snapshot_count_entries_and_restarts_after_it
     );
     node.stop();
 }
+
+/// A member whose applier also answers snapshot installs: the first `refusals` requests fail
+/// (as when the leader dies mid-transfer), later ones "install" by taking the index.
+/// Returns the node and the number of install requests it saw.
+fn spawn_installing(
+    cfg: RaftConfig,
+    dir: &Path,
+    transport: Box<dyn Transport>,
+    refusals: usize,
+) -> (Node, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::AtomicUsize;
+    let (tx, rx) = mpsc::channel(4096);
+    let (ctx, mut crx) = mpsc::channel::<Committed<Reply>>(64);
+    let applied_index = std::sync::Arc::new(AtomicU64::new(0));
+    let handle = RaftNode::start_full(
+        cfg,
+        dir,
+        0,
+        rx,
+        ctx,
+        transport,
+        std::sync::Arc::new(Counted(applied_index.clone())),
+    )
+    .unwrap();
+    let applied = Seen::default();
+    let requests = std::sync::Arc::new(AtomicUsize::new(0));
+    let (seen, asked) = (applied.clone(), requests.clone());
+    let applier = std::thread::spawn(move || {
+        while let Some(batch) = crx.blocking_recv() {
+            if let Some(snap) = batch.snapshot {
+                let n = asked.fetch_add(1, Ordering::AcqRel) + 1;
+                if n <= refusals {
+                    let _ = snap.done.send(Err(format!("request {n} refused")));
+                } else {
+                    applied_index.store(snap.index, Ordering::Release);
+                    seen.lock()
+                        .unwrap()
+                        .push((snap.index, b"snapshot".to_vec()));
+                    let _ = snap.done.send(Ok(snap.index));
+                }
+            }
+            for e in batch.entries {
+                applied_index.store(e.index, Ordering::Release);
+                seen.lock().unwrap().push((e.index, e.data.clone()));
+                if let Some(r) = e.reply {
+                    let _ = r.send(e.index);
+                }
+            }
+        }
+    });
+    let node = Node {
+        tx,
+        handle,
+        applied,
+        conf_changes: Default::default(),
+        applier,
+    };
+    (node, requests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_snapshot_install_is_asked_for_again_until_it_works() {
+    let ids = [1u64, 2, 3];
+    let net = Net::default();
+    // Member 3 is cut off before the first election, so it falls behind from the start.
+    net.isolated.lock().unwrap().insert(3);
+    let mut nodes = HashMap::new();
+    let mut dirs = Vec::new();
+    let mut requests = None;
+    for id in ids {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RaftConfig {
+            id,
+            voters: ids.to_vec(),
+            tick_interval: Duration::from_millis(10),
+            snapshot_count: 20,
+            snapshot_catchup_entries: 5,
+            ..RaftConfig::default()
+        };
+        let refusals = if id == 3 { 2 } else { 0 };
+        let (node, asked) = spawn_installing(cfg, dir.path(), Box::new(net.clone()), refusals);
+        if id == 3 {
+            requests = Some(asked);
+        }
+        net.peers.lock().unwrap().insert(id, node.tx.clone());
+        nodes.insert(id, node);
+        dirs.push(dir);
+    }
+    let requests = requests.unwrap();
+    let c = Cluster {
+        net,
+        nodes,
+        _dirs: dirs,
+    };
+    let leader = c.leader(&[1, 2]).await;
+    let mut last = 0;
+    for i in 0..100u32 {
+        last = propose(&c.nodes[&leader.id].tx, &i.to_le_bytes()).await;
+    }
+    // The leader's log now starts far past member 3's: only a snapshot can catch it up.
+    c.net.isolated.lock().unwrap().clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = c.status(3).await;
+        if st.applied_index >= last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "member 3 never caught up ({} install requests): {st:?}",
+            requests.load(Ordering::Acquire)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        requests.load(Ordering::Acquire),
+        3,
+        "two refused requests, then the one that worked"
+    );
+    // And it goes on applying the log after the snapshot.
+    let next = propose(&c.nodes[&leader.id].tx, b"after the snapshot").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.nodes[&3].seen().iter().any(|(i, _)| *i == next) {
+        assert!(Instant::now() < deadline, "member 3 stopped applying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.stop();
+}
