@@ -9,12 +9,24 @@
 //! of records `[len: u32 LE][crc32 of body: u32 LE][body: type u8 + payload]`. A new segment is
 //! built under a temporary name, starts with the current metadata, hard state and snapshot
 //! marker, and is renamed into place once durable, so any suffix of segments recovers alone.
+//!
+//! Segments are preallocated: created at `segment_bytes` as written zeros (see `prealloc`), and
+//! records overwrite them from offset 0. A record header whose length field is 0 therefore
+//! ends a segment's records, and every byte after it must be zero; anything else there is
+//! judged like any other bad record (torn tail in the last segment, corruption elsewhere). The
+//! last batch may run past `segment_bytes`, extending the file; a segment may also have no zero
+//! tail at all (files written before preallocation). Rotation still goes by bytes written.
 
+mod prealloc;
 mod record;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use prealloc::Preparing;
 
 pub use record::Record;
 use record::{decode_body, put_entry, put_hard_state, put_metadata, put_snapshot, HEADER_LEN};
@@ -111,8 +123,12 @@ pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,
     segments: Vec<Segment>,
+    /// The tail segment, written at explicit offsets (it is longer than what it holds).
     file: File,
+    /// Bytes of records in the tail segment: where the next write goes.
     size: u64,
+    /// The segment after the tail, being zero-filled in the background.
+    next: Option<Preparing>,
     buf: Vec<u8>,
     metadata: Option<Vec<u8>>,
     hard_state: HardState,
@@ -137,6 +153,11 @@ fn segment_path(dir: &Path, seq: u64, first_index: u64) -> PathBuf {
 /// A segment is written under this suffix and renamed into place only once its header is
 /// durable, so every `.wal` file starts with a complete header.
 const TMP_SUFFIX: &str = ".tmp";
+
+/// Where segment `seq` is zero-filled before it is known which index it starts at.
+fn prepared_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016}.wal{TMP_SUFFIX}"))
+}
 
 fn parse_segment_name(name: &str) -> Option<u64> {
     let stem = name.strip_suffix(".wal")?;
@@ -188,16 +209,24 @@ struct Scan {
     records: Vec<(u64, Record)>,
     /// Offset just past the last good record.
     good_len: u64,
-    /// Whether bytes after `good_len` were a torn write.
-    torn: bool,
+    /// If bytes after `good_len` were a torn write: the end of their non-zero part (everything
+    /// after it is zero already).
+    torn_until: Option<u64>,
 }
 
-/// Parses a segment's records. A bad record followed by any valid record is corruption; a
-/// bad record with nothing valid after it is a torn tail (allowed only in the last segment).
+/// Parses a segment's records up to the zero tail. In the last segment a bad record is a torn
+/// tail if no valid record follows it, or if a zero sector lies between it and the next valid
+/// one: a crash mid-write into preallocated space can persist later pages of the unfinished
+/// write but not earlier ones. Anything else, and any bad record in an earlier segment (all
+/// of which were fully synced before the next one began), is corruption.
 fn scan(path: &Path, data: &[u8], last_segment: bool) -> Result<Scan, WalError> {
     let mut records = Vec::new();
     let mut off = 0usize;
     while off < data.len() {
+        let len_field = &data[off..data.len().min(off + 4)];
+        if prealloc::is_zero(len_field) && prealloc::is_zero(&data[off..]) {
+            break;
+        }
         match record::parse_at(data, off) {
             Ok((body, next)) => {
                 let rec = decode_body(body).map_err(|reason| WalError::Corrupt {
@@ -209,8 +238,21 @@ fn scan(path: &Path, data: &[u8], last_segment: bool) -> Result<Scan, WalError> 
                 off = next;
             }
             Err(reason) => {
-                let valid_later = (off + 1..data.len()).any(|o| record::parse_at(data, o).is_ok());
-                if !last_segment || valid_later {
+                // Bounded by the non-zero part: probing every offset of a 64 MiB zero tail
+                // would make opening slow.
+                let end = off + prealloc::nonzero_len(&data[off..]);
+                let next_valid = (off + 1..end).find(|&o| record::parse_at(data, o).is_ok());
+                let torn = last_segment
+                    && next_valid.is_none_or(|v| prealloc::has_zero_sector(data, off, v));
+                if !torn {
+                    let reason = if prealloc::is_zero(len_field) {
+                        format!(
+                            "zero-length end marker followed by a non-zero byte at offset {}",
+                            off + prealloc::zero_prefix_len(&data[off..])
+                        )
+                    } else {
+                        reason
+                    };
                     return Err(WalError::Corrupt {
                         path: path.to_path_buf(),
                         offset: off as u64,
@@ -220,7 +262,7 @@ fn scan(path: &Path, data: &[u8], last_segment: bool) -> Result<Scan, WalError> 
                 return Ok(Scan {
                     records,
                     good_len: off as u64,
-                    torn: true,
+                    torn_until: Some(end as u64),
                 });
             }
         }
@@ -228,7 +270,7 @@ fn scan(path: &Path, data: &[u8], last_segment: bool) -> Result<Scan, WalError> 
     Ok(Scan {
         records,
         good_len: off as u64,
-        torn: false,
+        torn_until: None,
     })
 }
 
@@ -281,7 +323,7 @@ fn put_header(
 }
 
 impl Wal {
-    /// Opens (creating if empty) the log in `dir`; truncates a torn tail, refuses mid-log corruption.
+    /// Opens (creating if empty) the log in `dir`; zeroes a torn tail, refuses mid-log corruption.
     pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Recovered), WalError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let found = list_segments(dir)?;
@@ -302,8 +344,8 @@ impl Wal {
                 }
                 replay(&mut recovered, rec, &path, offset)?;
             }
-            if s.torn {
-                torn_tail = Some((path.clone(), s.good_len, data.len() as u64));
+            if let Some(until) = s.torn_until {
+                torn_tail = Some((path.clone(), s.good_len, until));
             }
             tail_len = s.good_len;
             segments.push(Segment {
@@ -326,24 +368,29 @@ impl Wal {
                 });
             }
         }
-        if let Some((path, good_len, len)) = torn_tail {
+        if let Some((path, good_len, until)) = torn_tail {
             tracing::warn!(
                 path = %path.display(),
                 offset = good_len,
-                dropped = len - good_len,
-                "wal: truncating torn tail"
+                dropped = until - good_len,
+                "wal: zeroing torn tail"
             );
+            // Zeroed rather than truncated, so the segment keeps its preallocated length.
             let f = OpenOptions::new()
                 .write(true)
                 .open(&path)
                 .map_err(io_err(&path))?;
-            f.set_len(good_len).map_err(io_err(&path))?;
+            prealloc::write_zeros(&f, good_len, until, &AtomicBool::new(false))
+                .map_err(io_err(&path))?;
             f.sync_all().map_err(io_err(&path))?;
         }
         remove_stale_tmp(dir)?;
         if segments.is_empty() {
             let path = segment_path(dir, 1, 1);
-            File::create(&path).map_err(io_err(&path))?;
+            let tmp = prepared_path(dir, 1);
+            prealloc::create_zeroed(&tmp, opts.segment_bytes, &AtomicBool::new(false))
+                .map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
             sync_dir(dir)?;
             segments.push(Segment {
                 seq: 1,
@@ -353,8 +400,8 @@ impl Wal {
             tail_len = 0;
         }
         let tail = &segments.last().expect("at least one segment").path;
-        let mut file = OpenOptions::new()
-            .append(true)
+        let file = OpenOptions::new()
+            .write(true)
             .open(tail)
             .map_err(io_err(tail))?;
         if tail_len == 0 && segments.len() > 1 {
@@ -367,7 +414,7 @@ impl Wal {
                 &recovered.hard_state,
                 recovered.snapshot.as_ref(),
             );
-            file.write_all(&buf).map_err(io_err(tail))?;
+            file.write_all_at(&buf, 0).map_err(io_err(tail))?;
             file.sync_data().map_err(io_err(tail))?;
             tail_len = buf.len() as u64;
         }
@@ -376,12 +423,13 @@ impl Wal {
             .last()
             .map(|e| e.index)
             .unwrap_or(snap_index);
-        let wal = Wal {
+        let mut wal = Wal {
             dir: dir.to_path_buf(),
             opts,
             segments,
             file,
             size: tail_len,
+            next: None,
             buf: Vec::with_capacity(64 * 1024),
             metadata: recovered.metadata.clone(),
             hard_state: recovered.hard_state,
@@ -392,6 +440,7 @@ impl Wal {
             #[cfg(test)]
             fail_next_write_after: None,
         };
+        wal.start_preparing();
         Ok((wal, recovered))
     }
 
@@ -515,10 +564,13 @@ impl Wal {
     fn write_and_sync(&mut self) -> std::io::Result<()> {
         #[cfg(test)]
         if let Some(n) = self.fail_next_write_after.take() {
-            self.file.write_all(&self.buf[..n.min(self.buf.len())])?;
+            self.file
+                .write_all_at(&self.buf[..n.min(self.buf.len())], self.size)?;
             return Err(std::io::Error::other("injected write failure"));
         }
-        self.file.write_all(&self.buf)?;
+        // Inside the preallocated length this changes neither size nor extents, so the
+        // fdatasync below has only data to flush.
+        self.file.write_all_at(&self.buf, self.size)?;
         self.file.sync_data()
     }
 
@@ -540,9 +592,7 @@ impl Wal {
     fn rotate(&mut self) -> Result<(), WalError> {
         let seq = self.segments.last().expect("segment").seq + 1;
         let path = segment_path(&self.dir, seq, self.last_index + 1);
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(TMP_SUFFIX);
-        let tmp = PathBuf::from(tmp);
+        let (tmp, file) = self.take_prepared(seq)?;
         self.buf.clear();
         put_header(
             &mut self.buf,
@@ -550,28 +600,75 @@ impl Wal {
             &self.hard_state,
             self.snapshot.as_ref(),
         );
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        file.write_all(&self.buf).map_err(io_err(&tmp))?;
-        file.sync_all().map_err(io_err(&tmp))?;
-        drop(file);
+        file.write_all_at(&self.buf, 0).map_err(io_err(&tmp))?;
+        file.sync_data().map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         sync_dir(&self.dir)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        self.file = file;
         self.size = self.buf.len() as u64;
         self.segments.push(Segment {
             seq,
             path,
             max_index: 0,
         });
+        self.start_preparing();
         Ok(())
+    }
+
+    /// The zero-filled file for segment `seq` and its temporary path: the background one if
+    /// it worked out, otherwise made here, since a segment that grows per append would bring
+    /// back the inode write on every fsync.
+    fn take_prepared(&mut self, seq: u64) -> Result<(PathBuf, File), WalError> {
+        let tmp = prepared_path(&self.dir, seq);
+        match self.next.take() {
+            Some(p) if p.seq == seq => {
+                let ready = p.is_ready();
+                let started = Instant::now();
+                match p.wait() {
+                    Ok(file) => {
+                        if !ready {
+                            tracing::warn!(
+                                waited_ms = started.elapsed().as_millis() as u64,
+                                "wal: rotation waited for the next segment's zero-fill"
+                            );
+                        }
+                        return Ok((tmp, file));
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "wal: background zero-fill of the next segment failed; redoing it in line"
+                    ),
+                }
+            }
+            other => {
+                if let Some(p) = other {
+                    p.cancel();
+                }
+                tracing::warn!("wal: no next segment prepared; zero-filling it in line");
+            }
+        }
+        let started = Instant::now();
+        let file = prealloc::create_zeroed(&tmp, self.opts.segment_bytes, &AtomicBool::new(false))
+            .map_err(io_err(&tmp))?;
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "wal: zero-filled the next segment in line"
+        );
+        Ok((tmp, file))
+    }
+
+    /// Starts zero-filling the segment after the tail, so rotation finds it ready.
+    fn start_preparing(&mut self) {
+        let seq = self.segments.last().expect("segment").seq + 1;
+        self.next = Preparing::start(prepared_path(&self.dir, seq), seq, self.opts.segment_bytes);
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        if let Some(p) = self.next.take() {
+            p.cancel();
+        }
     }
 }
 
