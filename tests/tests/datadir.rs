@@ -121,3 +121,111 @@ fn dump_logs_prints_every_entry_of_a_stopped_member() {
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty());
 }
+
+/// `--wal-dir` (etcd's flag) puts the raft log in its own directory; the member must be given
+/// it again on every start, and a directory of etcd's wal files is refused untouched.
+#[test]
+fn a_dedicated_wal_dir_holds_the_log_and_is_required_again() {
+    let wal = tempfile::tempdir().unwrap();
+    let wal_dir = wal.path().join("wal");
+    let flag = format!("--wal-dir={}", wal_dir.display());
+    let mut s = Server::start_with(&[flag.as_str()]);
+    etcdctl(&s.endpoint(), &["put", "walled", "in"], None).ok();
+    s.terminate(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("server did not stop on SIGTERM:\n{}", s.output()));
+    let names = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .map(|it| {
+                it.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        names(&wal_dir).iter().any(|n| n.ends_with(".wal")),
+        "no wal file in --wal-dir {}: {:?}",
+        wal_dir.display(),
+        names(&wal_dir)
+    );
+    if !server_is_etcd() {
+        let default_wal = s.data_dir().join("oxcd").join("wal");
+        assert!(
+            !names(&default_wal).iter().any(|n| n.ends_with(".wal")),
+            "wal files under the data dir too: {:?}",
+            names(&default_wal)
+        );
+    }
+
+    // Same flags: everything is back.
+    s.restart();
+    let got = etcdctl(
+        &s.endpoint(),
+        &["get", "walled", "--print-value-only"],
+        None,
+    );
+    assert_eq!(got.ok().trim(), "in");
+    s.terminate(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("server did not stop on SIGTERM:\n{}", s.output()));
+
+    if server_is_etcd() {
+        // etcd 3.4 does not check that a used data dir comes with its wal dir.
+        return;
+    }
+    // Without --wal-dir the member would find no log: refused, naming where the log is.
+    s.spec_mut()
+        .extra_args
+        .retain(|a| !a.starts_with("--wal-dir"));
+    s.respawn();
+    let status = s
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("started without its wal dir:\n{}", s.output()));
+    let output = s.output();
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains(&wal_dir.display().to_string()) && output.contains("--wal-dir"),
+        "the error does not say where the log is:\n{output}"
+    );
+
+    // etcd's own wal dir is refused untouched.
+    if !etcd_available() {
+        eprintln!("\n\n!!! SKIPPED the etcd wal dir part: {ETCD_BIN} is not installed !!!\n\n");
+        return;
+    }
+    let etcd_wal = wal.path().join("etcd-wal");
+    let etcd_flag = format!("--wal-dir={}", etcd_wal.display());
+    let mut etcd = Server::spawn_new(
+        std::path::Path::new(ETCD_BIN),
+        &[etcd_flag.as_str()],
+        ConfigVia::Flags,
+    );
+    etcd.wait_healthy(oxcd_tests::START_TIMEOUT);
+    etcd.terminate(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("etcd did not stop on SIGTERM:\n{}", etcd.output()));
+    let before = dir_fingerprint(&etcd_wal);
+    let fresh = tempfile::tempdir().unwrap();
+    let spec = ServerSpec {
+        bin: server_bin(),
+        data_dir: fresh.path().to_path_buf(),
+        client_port: oxcd_tests::free_port(),
+        peer_port: oxcd_tests::free_port(),
+        extra_args: vec![etcd_flag.clone()],
+        ..s.spec().clone()
+    };
+    let mut refused = Server::spawn(spec, None);
+    let status = refused
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("ran on etcd's wal dir:\n{}", refused.output()));
+    let output = refused.output();
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains(&etcd_wal.display().to_string()),
+        "the error does not name the wal dir:\n{output}"
+    );
+    assert_eq!(
+        before,
+        dir_fingerprint(&etcd_wal),
+        "etcd's wal dir was modified"
+    );
+    drop(etcd);
+}

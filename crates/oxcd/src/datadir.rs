@@ -24,7 +24,26 @@ pub enum DataDirError {
     },
     #[error("data dir {path}: identity file is damaged: {reason}")]
     BadIdentity { path: PathBuf, reason: String },
+    #[error(
+        "wal dir {0} holds wal files oxcd did not write (etcd's?), which it cannot read; \
+             give --wal-dir an empty directory"
+    )]
+    ForeignWalDir(PathBuf),
+    #[error(
+        "data dir {data_dir} was already used, but its wal dir {wal_dir} holds no log{hint}; \
+             start with the --wal-dir it was started with"
+    )]
+    WalMissing {
+        data_dir: PathBuf,
+        wal_dir: PathBuf,
+        hint: String,
+    },
 }
+
+/// Marks a --wal-dir as oxcd's, so a directory of another program's wal files is told apart.
+const WAL_FORMAT_FILE: &str = "OXCD_WAL_FORMAT";
+/// Under `<data-dir>/oxcd`: the --wal-dir last used with this data dir.
+const WAL_DIR_NOTE: &str = "wal-dir";
 
 /// This member's identity, fixed when the data dir is bootstrapped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +54,8 @@ pub struct Identity {
 
 pub struct DataDir {
     root: PathBuf,
+    /// The raft log: `<root>/wal`, or the dedicated --wal-dir.
+    wal: PathBuf,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -57,14 +78,68 @@ impl DataDir {
                     found: found.trim().to_string(),
                 });
             }
-            return Ok(DataDir { root });
+            let wal = root.join("wal");
+            return Ok(DataDir { root, wal });
         }
         if data_dir.join("member").exists() {
             return Err(DataDirError::EtcdDataDir(data_dir.to_path_buf()));
         }
         fs::create_dir_all(&root).map_err(io(&root))?;
         write_durably(&format_file, FORMAT.as_bytes())?;
-        Ok(DataDir { root })
+        let wal = root.join("wal");
+        Ok(DataDir { root, wal })
+    }
+
+    /// Keeps the raft log in `dir` (etcd's --wal-dir) instead of under the data dir. A
+    /// directory holding wal files oxcd did not write is refused untouched.
+    pub fn with_wal_dir(mut self, dir: &Path) -> Result<DataDir, DataDirError> {
+        let marker = dir.join(WAL_FORMAT_FILE);
+        if marker.exists() {
+            let found = fs::read_to_string(&marker).map_err(io(&marker))?;
+            if found.trim() != FORMAT {
+                return Err(DataDirError::UnknownFormat {
+                    path: dir.to_path_buf(),
+                    found: found.trim().to_string(),
+                });
+            }
+        } else {
+            if has_wal_files(dir)? {
+                return Err(DataDirError::ForeignWalDir(dir.to_path_buf()));
+            }
+            fs::create_dir_all(dir).map_err(io(dir))?;
+            write_durably(&marker, FORMAT.as_bytes())?;
+        }
+        // Remembered beside the data, so a start without it can say where the log is.
+        let note = self.root.join(WAL_DIR_NOTE);
+        let path = dir.to_string_lossy();
+        if fs::read_to_string(&note).ok().as_deref() != Some(&*path) {
+            write_durably(&note, path.as_bytes())?;
+        }
+        self.wal = dir.to_path_buf();
+        Ok(self)
+    }
+
+    /// A member that already has state must find its log where it left it: starting it with
+    /// another wal dir would look like an empty log and lose what it had acknowledged.
+    pub fn check_wal_present(&self, data_dir: &Path) -> Result<(), DataDirError> {
+        if has_wal_files(&self.wal)? {
+            return Ok(());
+        }
+        let default = self.root.join("wal");
+        let noted = fs::read_to_string(self.root.join(WAL_DIR_NOTE))
+            .ok()
+            .map(PathBuf::from);
+        let hint = [Some(default), noted]
+            .into_iter()
+            .flatten()
+            .find(|d| *d != self.wal && has_wal_files(d).unwrap_or(false))
+            .map(|d| format!(" (its log is in {})", d.display()))
+            .unwrap_or_default();
+        Err(DataDirError::WalMissing {
+            data_dir: data_dir.to_path_buf(),
+            wal_dir: self.wal.clone(),
+            hint,
+        })
     }
 
     /// Opens a data dir that must already be oxcd's (for read-only tools); creates nothing.
@@ -86,7 +161,7 @@ impl DataDir {
     }
 
     pub fn wal_dir(&self) -> PathBuf {
-        self.root.join("wal")
+        self.wal.clone()
     }
 
     pub fn kv_dir(&self) -> PathBuf {
@@ -133,6 +208,22 @@ impl DataDir {
     }
 }
 
+/// Whether `dir` holds any `*.wal` file (a missing dir holds none).
+fn has_wal_files(dir: &Path) -> Result<bool, DataDirError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for e in entries {
+        let e = e.map_err(io(dir))?;
+        if e.file_name().to_string_lossy().ends_with(".wal") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Write to a temp file, fsync, rename, fsync the directory: the file is whole or absent.
 fn write_durably(path: &Path, data: &[u8]) -> Result<(), DataDirError> {
     let tmp = path.with_extension("tmp");
@@ -173,6 +264,57 @@ pub(crate) mod tests {
         let err = DataDir::open(&d).err().unwrap();
         assert!(matches!(err, DataDirError::EtcdDataDir(_)), "{err}");
         assert!(!d.join("oxcd").exists());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_wal_dir_of_foreign_wal_files_is_refused_and_an_empty_one_is_marked() {
+        let d = tmp();
+        let foreign = d.join("etcd-wal");
+        fs::create_dir_all(&foreign).unwrap();
+        fs::write(foreign.join("0000000000000000-0000000000000000.wal"), b"x").unwrap();
+        let err = DataDir::open(&d.join("data"))
+            .unwrap()
+            .with_wal_dir(&foreign)
+            .err()
+            .unwrap();
+        assert!(matches!(err, DataDirError::ForeignWalDir(_)), "{err}");
+        assert!(!foreign.join(WAL_FORMAT_FILE).exists());
+
+        let ours = d.join("wal");
+        let dd = DataDir::open(&d.join("data"))
+            .unwrap()
+            .with_wal_dir(&ours)
+            .unwrap();
+        assert_eq!(dd.wal_dir(), ours);
+        assert!(ours.join(WAL_FORMAT_FILE).exists());
+        // Once marked, its own wal files do not make it foreign.
+        fs::write(ours.join("0000000000000001-0000000000000001.wal"), b"").unwrap();
+        let dd = DataDir::open(&d.join("data"))
+            .unwrap()
+            .with_wal_dir(&ours)
+            .unwrap();
+        dd.check_wal_present(&d.join("data")).unwrap();
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_used_data_dir_without_its_log_is_refused_with_a_hint() {
+        let d = tmp();
+        let dd = DataDir::open(&d).unwrap();
+        fs::create_dir_all(dd.wal_dir()).unwrap();
+        fs::write(
+            dd.wal_dir().join("0000000000000001-0000000000000001.wal"),
+            b"",
+        )
+        .unwrap();
+        dd.check_wal_present(&d).unwrap();
+        let elsewhere = d.join("other-wal");
+        let moved = DataDir::open(&d).unwrap().with_wal_dir(&elsewhere).unwrap();
+        let err = moved.check_wal_present(&d).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, DataDirError::WalMissing { .. }), "{text}");
+        assert!(text.contains(&dd.wal_dir().display().to_string()), "{text}");
         fs::remove_dir_all(d).unwrap();
     }
 

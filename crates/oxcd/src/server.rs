@@ -103,13 +103,19 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let metrics_addrs = addrs("listen-metrics-urls", &cfg.listen_metrics_urls)?;
 
     let data_dir = cfg.data_dir();
-    let dd = DataDir::open(&data_dir)?;
+    let dd = match &cfg.wal_dir {
+        Some(dir) => DataDir::open(&data_dir)?.with_wal_dir(dir)?,
+        None => DataDir::open(&data_dir)?,
+    };
     let tls = crate::tls_setup::setup(&cfg, &data_dir)?;
     let mut initial_members = initial_members;
     let mut raft_voters: Vec<u64> = initial_members.iter().map(|m| m.id).collect();
     let mut raft_learners = Vec::new();
     let saved = dd.identity()?;
     let had_data = saved.is_some();
+    if had_data {
+        dd.check_wal_present(&data_dir)?;
+    }
     let identity = match saved {
         Some(id) => id,
         None if cfg.initial_cluster_state == "existing" => {
