@@ -121,7 +121,9 @@ impl DataDir {
 
     /// A member that already has state must find its log where it left it: starting it with
     /// another wal dir would look like an empty log and lose what it had acknowledged.
-    pub fn check_wal_present(&self, data_dir: &Path) -> Result<(), DataDirError> {
+    /// `applied`: the store holds state applied from a log (a freshly restored snapshot has
+    /// none yet, and no log either).
+    pub fn check_wal_present(&self, data_dir: &Path, applied: bool) -> Result<(), DataDirError> {
         if has_wal_files(&self.wal)? {
             return Ok(());
         }
@@ -135,6 +137,9 @@ impl DataDir {
             .find(|d| *d != self.wal && has_wal_files(d).unwrap_or(false))
             .map(|d| format!(" (its log is in {})", d.display()))
             .unwrap_or_default();
+        if !applied && hint.is_empty() {
+            return Ok(());
+        }
         Err(DataDirError::WalMissing {
             data_dir: data_dir.to_path_buf(),
             wal_dir: self.wal.clone(),
@@ -294,7 +299,7 @@ pub(crate) mod tests {
             .unwrap()
             .with_wal_dir(&ours)
             .unwrap();
-        dd.check_wal_present(&d.join("data")).unwrap();
+        dd.check_wal_present(&d.join("data"), true).unwrap();
         fs::remove_dir_all(d).unwrap();
     }
 
@@ -308,10 +313,12 @@ pub(crate) mod tests {
             b"",
         )
         .unwrap();
-        dd.check_wal_present(&d).unwrap();
+        dd.check_wal_present(&d, true).unwrap();
         let elsewhere = d.join("other-wal");
         let moved = DataDir::open(&d).unwrap().with_wal_dir(&elsewhere).unwrap();
-        let err = moved.check_wal_present(&d).unwrap_err();
+        // Even a store that applied nothing yet (a crash before its first flush) is refused
+        // when its log is known to be elsewhere.
+        let err = moved.check_wal_present(&d, false).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, DataDirError::WalMissing { .. }), "{text}");
         assert!(text.contains(&dd.wal_dir().display().to_string()), "{text}");

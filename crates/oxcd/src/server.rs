@@ -113,9 +113,6 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let mut raft_learners = Vec::new();
     let saved = dd.identity()?;
     let had_data = saved.is_some();
-    if had_data {
-        dd.check_wal_present(&data_dir)?;
-    }
     let identity = match saved {
         Some(id) => id,
         None if cfg.initial_cluster_state == "existing" => {
@@ -166,6 +163,11 @@ pub fn run(cfg: Config) -> Result<(), ServerError> {
     let alarms = Alarms::open(engine.clone())?;
     let lessor = open_lessor(&cfg, engine, &store)?;
     let applied = store.applied_index();
+    if had_data {
+        // A restored snapshot has applied nothing and no log yet; anything else that finds
+        // no log here lost track of it (--wal-dir dropped or changed).
+        dd.check_wal_present(&data_dir, applied > 0)?;
+    }
 
     // Channels between the layers.
     let (raft_tx, raft_rx) = mpsc::channel(8192);
