@@ -14,15 +14,20 @@ type Cmd = RaftCommand<()>;
 /// command channel it feeds.
 async fn serve(me: u64, cluster_id: u64) -> (String, mpsc::Receiver<Cmd>) {
     let (tx, rx) = mpsc::channel(1024);
+    let url = serve_service(RaftPeerService::new(me, cluster_id, tx, Arc::new(Vec::new))).await;
+    (url, rx)
+}
+
+/// Serves `svc` on a loopback port; returns its URL.
+async fn serve_service(svc: RaftPeerService<()>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = RaftPeerServer::new(RaftPeerService::new(me, cluster_id, tx, Arc::new(Vec::new)));
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(svc)
+            .add_service(RaftPeerServer::new(svc))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    (format!("http://{addr}"), rx)
+    format!("http://{addr}")
 }
 
 fn msg(from: u64, to: u64, index: u64) -> Message {
@@ -141,14 +146,10 @@ impl HashSource for FakeHashes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hash_kv_answers_members_of_the_cluster_only() {
     let (tx, _rx) = mpsc::channel::<Cmd>(16);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let svc = RaftPeerService::new(2, 7, tx, Arc::new(Vec::new)).with_hashes(Arc::new(FakeHashes));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RaftPeerServer::new(svc))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let url = serve_service(
+        RaftPeerService::new(2, 7, tx, Arc::new(Vec::new)).with_hashes(Arc::new(FakeHashes)),
+    )
+    .await;
     let book = AddressBook::new();
     book.set(2, vec![url]);
     let header = |cluster_id, to| PeerHeader {
@@ -229,14 +230,10 @@ impl SnapshotSource for FakeSnapshots {
 
 async fn serve_snapshots(source: FakeSnapshots) -> AddressBook {
     let (tx, _rx) = mpsc::channel::<Cmd>(16);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let svc = RaftPeerService::new(2, 7, tx, Arc::new(Vec::new)).with_snapshots(Arc::new(source));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RaftPeerServer::new(svc))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let url = serve_service(
+        RaftPeerService::new(2, 7, tx, Arc::new(Vec::new)).with_snapshots(Arc::new(source)),
+    )
+    .await;
     let book = AddressBook::new();
     book.set(2, vec![url]);
     book

@@ -976,9 +976,15 @@ fn rotation_takes_the_prepared_file_when_it_is_ready() {
         opts.segment_bytes,
         "the one after is prepared next"
     );
+    still_appends_after_rotation(wal, tmp.path(), opts, i);
+}
+
+/// Appends entries `i..=i+3` after a rotation, reopens, and finds the whole log (metadata "m",
+/// entries from 1) in order.
+fn still_appends_after_rotation(mut wal: Wal, dir: &Path, opts: WalOptions, i: u64) {
     fill(&mut wal, i..=i + 3);
     drop(wal);
-    let (_, rec) = Wal::open(tmp.path(), opts).unwrap();
+    let (_, rec) = Wal::open(dir, opts).unwrap();
     assert_eq!(rec.metadata.as_deref(), Some(&b"m"[..]));
     assert_eq!(rec.entries, entries(1..=i + 3, 1));
 }
@@ -1001,11 +1007,7 @@ fn rotation_without_a_prepared_file_makes_one_in_line() {
     assert_eq!(data.len() as u64, opts.segment_bytes);
     assert!(prealloc::is_zero(&data[wal.size as usize..]));
     assert!(wal.next.is_some(), "background preparation resumes");
-    fill(&mut wal, i..=i + 3);
-    drop(wal);
-    let (_, rec) = Wal::open(tmp.path(), opts).unwrap();
-    assert_eq!(rec.metadata.as_deref(), Some(&b"m"[..]));
-    assert_eq!(rec.entries, entries(1..=i + 3, 1));
+    still_appends_after_rotation(wal, tmp.path(), opts, i);
 }
 
 /// Opening must not probe every offset of a 64 MiB zero tail (that took seconds) nor be
