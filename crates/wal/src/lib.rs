@@ -16,6 +16,8 @@
 //! judged like any other bad record (torn tail in the last segment, corruption elsewhere). The
 //! last batch may run past `segment_bytes`, extending the file; a segment may also have no zero
 //! tail at all (files written before preallocation). Rotation still goes by bytes written.
+//! The next segment is zero-filled on a background thread once the tail is half full, so
+//! rotation normally finds it ready.
 
 mod prealloc;
 mod record;
@@ -129,6 +131,9 @@ pub struct Wal {
     size: u64,
     /// The segment after the tail, being zero-filled in the background.
     next: Option<Preparing>,
+    /// Sequence number of the last segment whose preparation was started: at most once per
+    /// segment, so a failed or cancelled one is done in line at rotation, not retried.
+    prepared_seq: u64,
     buf: Vec<u8>,
     metadata: Option<Vec<u8>>,
     hard_state: HardState,
@@ -430,6 +435,7 @@ impl Wal {
             file,
             size: tail_len,
             next: None,
+            prepared_seq: 0,
             buf: Vec::with_capacity(64 * 1024),
             metadata: recovered.metadata.clone(),
             hard_state: recovered.hard_state,
@@ -440,7 +446,7 @@ impl Wal {
             #[cfg(test)]
             fail_next_write_after: None,
         };
-        wal.start_preparing();
+        wal.maybe_prepare();
         Ok((wal, recovered))
     }
 
@@ -480,6 +486,7 @@ impl Wal {
         if let Some(h) = hard_state {
             self.hard_state = *h;
         }
+        self.maybe_prepare();
         self.maybe_rotate()
     }
 
@@ -611,7 +618,6 @@ impl Wal {
             path,
             max_index: 0,
         });
-        self.start_preparing();
         Ok(())
     }
 
@@ -657,9 +663,15 @@ impl Wal {
         Ok((tmp, file))
     }
 
-    /// Starts zero-filling the segment after the tail, so rotation finds it ready.
-    fn start_preparing(&mut self) {
+    /// Starts zero-filling the segment after the tail, so rotation finds it ready, once the
+    /// tail is half full: not at open, where 64 MiB of zeros would compete with the first
+    /// fsyncs of a starting member (and a short-lived member never needs it).
+    fn maybe_prepare(&mut self) {
         let seq = self.segments.last().expect("segment").seq + 1;
+        if self.prepared_seq >= seq || self.size < self.opts.segment_bytes / 2 {
+            return;
+        }
+        self.prepared_seq = seq;
         self.next = Preparing::start(prepared_path(&self.dir, seq), seq, self.opts.segment_bytes);
     }
 }

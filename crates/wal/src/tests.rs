@@ -955,12 +955,24 @@ fn rotation_takes_the_prepared_file_when_it_is_ready() {
     let prepared = prepared_path(tmp.path(), 2);
     fs::write(&prepared, b"junk that must not end up in a segment").unwrap();
     let (mut wal, _) = Wal::open(tmp.path(), opts.clone()).unwrap();
+    assert!(
+        wal.next.is_none(),
+        "nothing is prepared while the tail is mostly empty"
+    );
+    let mut i = 1;
+    while wal.next.is_none() {
+        fill(&mut wal, i..=i);
+        i += 1;
+    }
+    assert!(
+        wal.size >= opts.segment_bytes / 2,
+        "prepared once half full"
+    );
     wait_prepared(&wal);
     let ready = fs::read(&prepared).unwrap();
     assert_eq!(ready.len() as u64, opts.segment_bytes);
     assert!(prealloc::is_zero(&ready));
     let ino = fs::metadata(&prepared).unwrap().ino();
-    let mut i = 1;
     while wal.segment_count() == 1 {
         fill(&mut wal, i..=i);
         i += 1;
@@ -970,6 +982,10 @@ fn rotation_takes_the_prepared_file_when_it_is_ready() {
     assert_eq!(m.ino(), ino, "the prepared file became the segment");
     assert_eq!(m.len(), opts.segment_bytes);
     assert!(!prepared.exists(), "renamed, not copied");
+    while wal.next.is_none() {
+        fill(&mut wal, i..=i);
+        i += 1;
+    }
     wait_prepared(&wal);
     assert_eq!(
         fs::metadata(prepared_path(tmp.path(), 3)).unwrap().len(),
@@ -995,10 +1011,16 @@ fn rotation_without_a_prepared_file_makes_one_in_line() {
     let opts = SMALL;
     let (mut wal, _) = Wal::open(tmp.path(), opts.clone()).unwrap();
     wal.save_metadata(b"m").unwrap();
-    // Cancelled part-way or not, what is left must not be taken for a ready file.
-    wal.next.take().unwrap().cancel();
     let mut i = 1;
+    while wal.next.is_none() {
+        fill(&mut wal, i..=i);
+        i += 1;
+    }
+    // Cancelled part-way or not, what is left must not be taken for a ready file, and it is
+    // not started again for the same segment.
+    wal.next.take().unwrap().cancel();
     while wal.segment_count() == 1 {
+        assert!(wal.next.is_none());
         fill(&mut wal, i..=i);
         i += 1;
     }
@@ -1006,7 +1028,14 @@ fn rotation_without_a_prepared_file_makes_one_in_line() {
     let data = fs::read(&second).unwrap();
     assert_eq!(data.len() as u64, opts.segment_bytes);
     assert!(prealloc::is_zero(&data[wal.size as usize..]));
-    assert!(wal.next.is_some(), "background preparation resumes");
+    while wal.next.is_none() {
+        fill(&mut wal, i..=i);
+        i += 1;
+    }
+    assert!(
+        wal.segment_count() == 2,
+        "background preparation resumes for the next one"
+    );
     still_appends_after_rotation(wal, tmp.path(), opts, i);
 }
 
