@@ -150,3 +150,39 @@ fn listen_metrics_urls_serves_health_and_metrics() {
     assert!(body.contains("etcd_server_has_leader 1"), "{body}");
     drop(s);
 }
+
+/// Scheduling policy of every thread of `pid`, from field 41 of /proc/PID/task/TID/stat.
+fn thread_policies(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+        // The command name (field 2) may hold spaces; fields after it are plain.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if let Some(p) = rest.split(' ').nth(41 - 3) {
+            out.push(p.parse().unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn cpu_scheduling_is_batch_unless_told_otherwise() {
+    if server_is_etcd() {
+        eprintln!("skipped: --cpu-scheduling is oxcd's own flag");
+        return;
+    }
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let s = Server::start();
+    etcdctl(&s.endpoint(), &["put", "k", "v"], None).ok();
+    let policies = thread_policies(s.pid().unwrap());
+    assert!(policies.len() > 3, "{policies:?}");
+    assert!(policies.iter().all(|&p| p == SCHED_BATCH), "{policies:?}");
+
+    let s = Server::start_with(&["--cpu-scheduling=inherit"]);
+    etcdctl(&s.endpoint(), &["put", "k", "v"], None).ok();
+    let policies = thread_policies(s.pid().unwrap());
+    assert!(policies.iter().all(|&p| p == SCHED_OTHER), "{policies:?}");
+}

@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use oxcd_tls::TlsInfo;
 
+use crate::sched::CpuScheduling;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "oxcd",
@@ -115,6 +117,11 @@ pub struct Config {
     /// Where logs go: 'default', 'stderr', 'stdout', or file paths (comma separated).
     #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default")]
     pub log_outputs: String,
+    /// oxcd only: CPU scheduling policy of its threads. 'batch' (SCHED_BATCH): a woken thread
+    /// does not preempt a running one, about half the context switches under load; 'inherit':
+    /// keep the policy oxcd was started with.
+    #[arg(long, env = "OXCD_CPU_SCHEDULING", value_enum, default_value = "batch")]
+    pub cpu_scheduling: CpuScheduling,
     /// Enable the raft pre-vote phase.
     #[arg(long, env = "ETCD_PRE_VOTE", default_value = "true", action = ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
@@ -482,6 +489,14 @@ mod tests {
             c.accepted.set_flags(),
             vec!["max-wals".to_string(), "enable-v2".to_string()]
         );
+    }
+
+    #[test]
+    fn cpu_scheduling_flag() {
+        assert_eq!(parse(&[]).unwrap().cpu_scheduling, CpuScheduling::Batch);
+        let c = parse(&["--cpu-scheduling=inherit"]).unwrap();
+        assert_eq!(c.cpu_scheduling, CpuScheduling::Inherit);
+        assert!(parse(&["--cpu-scheduling=fifo"]).is_err());
     }
 
     #[test]

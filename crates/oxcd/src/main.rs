@@ -39,6 +39,7 @@ mod http;
 mod ids;
 mod layer_metrics;
 mod process_metrics;
+mod sched;
 mod server;
 mod snapshot_restore;
 mod tls_setup;
@@ -78,6 +79,13 @@ fn main() -> ExitCode {
         println!("oxcd Version: {}", env!("CARGO_PKG_VERSION"));
         println!("etcd API Version: {}", api_gateway::ETCD_VERSION);
         return ExitCode::SUCCESS;
+    }
+    // Before any thread starts: they inherit it.
+    if let Err(e) = sched::apply(cfg.cpu_scheduling) {
+        eprintln!(
+            "oxcd: warning: cannot set CPU scheduling {:?}: {e}",
+            cfg.cpu_scheduling
+        );
     }
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
