@@ -58,6 +58,22 @@ pub struct DataDir {
     wal: PathBuf,
 }
 
+/// Whether `marker` exists; an error if it names a format other than oxcd's (`dir` is what the
+/// error reports).
+fn check_format(marker: &Path, dir: &Path) -> Result<bool, DataDirError> {
+    if !marker.exists() {
+        return Ok(false);
+    }
+    let found = fs::read_to_string(marker).map_err(io(marker))?;
+    if found.trim() != FORMAT {
+        return Err(DataDirError::UnknownFormat {
+            path: dir.to_path_buf(),
+            found: found.trim().to_string(),
+        });
+    }
+    Ok(true)
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
     move |source| DataDirError::Io {
         path: path.to_path_buf(),
@@ -70,14 +86,7 @@ impl DataDir {
     pub fn open(data_dir: &Path) -> Result<DataDir, DataDirError> {
         let root = data_dir.join("oxcd");
         let format_file = root.join("FORMAT");
-        if format_file.exists() {
-            let found = fs::read_to_string(&format_file).map_err(io(&format_file))?;
-            if found.trim() != FORMAT {
-                return Err(DataDirError::UnknownFormat {
-                    path: data_dir.to_path_buf(),
-                    found: found.trim().to_string(),
-                });
-            }
+        if check_format(&format_file, data_dir)? {
             let wal = root.join("wal");
             return Ok(DataDir { root, wal });
         }
@@ -94,15 +103,7 @@ impl DataDir {
     /// directory holding wal files oxcd did not write is refused untouched.
     pub fn with_wal_dir(mut self, dir: &Path) -> Result<DataDir, DataDirError> {
         let marker = dir.join(WAL_FORMAT_FILE);
-        if marker.exists() {
-            let found = fs::read_to_string(&marker).map_err(io(&marker))?;
-            if found.trim() != FORMAT {
-                return Err(DataDirError::UnknownFormat {
-                    path: dir.to_path_buf(),
-                    found: found.trim().to_string(),
-                });
-            }
-        } else {
+        if !check_format(&marker, dir)? {
             if has_wal_files(dir)? {
                 return Err(DataDirError::ForeignWalDir(dir.to_path_buf()));
             }
