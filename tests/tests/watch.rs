@@ -267,8 +267,29 @@ async fn filters_prev_kv_cancel_and_progress() {
         WatchOptions::new().with_filters([WatchFilterType::NoDelete]),
     )
     .await;
+    let mut puts_with_prev = open(
+        &mut c,
+        "a",
+        WatchOptions::new()
+            .with_prev_key()
+            .with_filters([WatchFilterType::NoDelete]),
+    )
+    .await;
     c.put("a", "2", Some(PutOptions::new())).await.unwrap(); // rev 3
     c.delete("a", None).await.unwrap(); // rev 4
+
+    // The put did not ask for its old value; the watcher that wants it still gets it.
+    let resp = next(&mut puts_with_prev).await;
+    assert_eq!(changes(&resp), vec![(3, "PUT", "a".into(), "2".into())]);
+    let prev = resp.events()[0].prev_kv().expect("prev_kv asked for");
+    assert_eq!(
+        (
+            prev.value_str().unwrap(),
+            prev.mod_revision(),
+            prev.version()
+        ),
+        ("1", 2, 1)
+    );
 
     let resp = next(&mut deletes).await;
     assert_eq!(

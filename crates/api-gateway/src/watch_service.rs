@@ -10,9 +10,9 @@ use std::task::{Context, Poll};
 
 use mvcc_store::{MvccError, MvccStore};
 use oxcd_proto::etcdserverpb::{
-    watch_request::RequestUnion, watch_server::Watch, WatchRequest, WatchResponse,
+    watch_request::RequestUnion, watch_server::Watch, RangeRequest, WatchRequest, WatchResponse,
 };
-use oxcd_proto::mvccpb::Event;
+use oxcd_proto::mvccpb::{Event, KeyValue};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt};
@@ -48,6 +48,21 @@ impl History for StoreHistory {
             },
             other => HistoryError::Unavailable(other.to_string()),
         })
+    }
+
+    fn value_at(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>, HistoryError> {
+        let req = RangeRequest {
+            key: key.to_vec(),
+            revision: rev,
+            ..Default::default()
+        };
+        match self.0.range(&req) {
+            Ok(resp) => Ok(resp.kvs.into_iter().next()),
+            Err(MvccError::Compacted) => Err(HistoryError::Compacted {
+                compact_revision: self.0.compact_revision(),
+            }),
+            Err(other) => Err(HistoryError::Unavailable(other.to_string())),
+        }
     }
 }
 

@@ -552,7 +552,12 @@ impl Applier {
         let Some(leases) = &self.leases else { return };
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
-            let old = ev.prev_kv.as_ref().map_or(0, |p| p.lease);
+            // A put may come without the value it replaced (mvcc-store reads it only when
+            // needed); the lessor knows which lease holds the key.
+            let old = match &ev.prev_kv {
+                Some(p) => p.lease,
+                None => leases.lease_of(&kv.key).unwrap_or(0),
+            };
             let new = if ev.r#type == EventType::Delete as i32 {
                 0
             } else {

@@ -58,9 +58,28 @@ impl<'a> KeyRange<'a> {
     }
 }
 
+/// The changes of one key, and what its latest value's create revision and version are.
+/// Those two follow from the changes alone (a put after a tombstone, or as the first change,
+/// starts a generation; each further put adds a version), and keeping them here lets a put
+/// compute its own without reading the previous value.
+#[derive(Default)]
+struct KeyHistory {
+    changes: Vec<Change>,
+    /// Of the latest change; 0 when it is a tombstone.
+    create: i64,
+    version: i64,
+}
+
+/// Create revision and version of a key's live value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation {
+    pub create: i64,
+    pub version: i64,
+}
+
 #[derive(Default)]
 pub struct Index {
-    keys: BTreeMap<Vec<u8>, Vec<Change>>,
+    keys: BTreeMap<Vec<u8>, KeyHistory>,
     /// Number of keys whose latest change is not a tombstone.
     live: usize,
 }
@@ -73,7 +92,16 @@ fn visible(changes: &[Change], at: i64) -> Option<Rev> {
 
 impl Index {
     pub fn get(&self, key: &[u8], at: i64) -> Option<Rev> {
-        self.keys.get(key).and_then(|c| visible(c, at))
+        self.keys.get(key).and_then(|h| visible(&h.changes, at))
+    }
+
+    /// Create revision and version of the key's latest value; None when it has none.
+    pub fn latest(&self, key: &[u8]) -> Option<Generation> {
+        let h = self.keys.get(key)?;
+        (h.version > 0).then_some(Generation {
+            create: h.create,
+            version: h.version,
+        })
     }
 
     /// Keys in `range` visible at `at`, in key order, with the revision holding their value.
@@ -81,8 +109,8 @@ impl Index {
         let Some(bounds) = range.bounds() else {
             return;
         };
-        for (k, changes) in self.keys.range::<[u8], _>(bounds) {
-            if let Some(rev) = visible(changes, at) {
+        for (k, h) in self.keys.range::<[u8], _>(bounds) {
+            if let Some(rev) = visible(&h.changes, at) {
                 if !f(k, rev) {
                     return;
                 }
@@ -90,14 +118,40 @@ impl Index {
         }
     }
 
+    /// Records a change made after every other change of the key.
     pub fn insert(&mut self, key: &[u8], change: Change) {
-        let changes = self.keys.entry(key.to_vec()).or_default();
-        let was_live = changes.last().is_some_and(|c| !c.tombstone);
-        debug_assert!(changes.last().is_none_or(|c| c.rev < change.rev));
-        changes.push(change);
+        let h = self.keys.entry(key.to_vec()).or_default();
+        let generation = match (change.tombstone, h.version) {
+            (true, _) => None,
+            (false, 0) => Some(Generation {
+                create: change.rev.main,
+                version: 1,
+            }),
+            (false, v) => Some(Generation {
+                create: h.create,
+                version: v + 1,
+            }),
+        };
+        Self::push(h, &mut self.live, change, generation);
+    }
+
+    /// Records a change read back from the engine, whose value states its generation: older
+    /// changes of the key may be compacted away, so counting them would come out short.
+    pub fn insert_loaded(&mut self, key: &[u8], change: Change, generation: Option<Generation>) {
+        let h = self.keys.entry(key.to_vec()).or_default();
+        Self::push(h, &mut self.live, change, generation);
+    }
+
+    fn push(h: &mut KeyHistory, live: &mut usize, change: Change, generation: Option<Generation>) {
+        let was_live = h.changes.last().is_some_and(|c| !c.tombstone);
+        debug_assert!(h.changes.last().is_none_or(|c| c.rev < change.rev));
+        h.changes.push(change);
+        let g = generation.filter(|_| !change.tombstone);
+        h.create = g.map_or(0, |g| g.create);
+        h.version = g.map_or(0, |g| g.version);
         match (was_live, change.tombstone) {
-            (false, false) => self.live += 1,
-            (true, true) => self.live -= 1,
+            (false, false) => *live += 1,
+            (true, true) => *live -= 1,
             _ => {}
         }
     }
@@ -106,7 +160,8 @@ impl Index {
     /// last one per key, and that one too if it is a tombstone. Returns what was dropped.
     pub fn compact(&mut self, at: i64) -> Vec<Rev> {
         let mut dropped = Vec::new();
-        self.keys.retain(|_, changes| {
+        self.keys.retain(|_, h| {
+            let changes = &mut h.changes;
             let pos = changes.partition_point(|c| c.rev.main <= at);
             if pos == 0 {
                 return true;
@@ -127,7 +182,7 @@ impl Index {
     pub fn holds(&self, key: &[u8], rev: Rev) -> bool {
         self.keys
             .get(key)
-            .is_some_and(|c| c.binary_search_by(|x| x.rev.cmp(&rev)).is_ok())
+            .is_some_and(|h| h.changes.binary_search_by(|x| x.rev.cmp(&rev)).is_ok())
     }
 
     /// Every change at or below `at` still indexed: after compacting at `at`, exactly the
@@ -135,7 +190,12 @@ impl Index {
     pub fn held_up_to(&self, at: i64) -> std::collections::HashSet<Rev> {
         self.keys
             .values()
-            .flat_map(|c| c.iter().take_while(|x| x.rev.main <= at).map(|x| x.rev))
+            .flat_map(|h| {
+                h.changes
+                    .iter()
+                    .take_while(|x| x.rev.main <= at)
+                    .map(|x| x.rev)
+            })
             .collect()
     }
 }
@@ -186,6 +246,33 @@ mod tests {
         assert_eq!(ix.get(b"a", 5).unwrap().main, 3);
         assert_eq!(ix.get(b"b", 5), None);
         assert!(!ix.keys.contains_key(&b"b"[..]));
+    }
+
+    #[test]
+    fn generations_follow_the_changes_and_survive_compaction() {
+        let mut ix = Index::default();
+        let gen = |create, version| Some(Generation { create, version });
+        ix.insert(b"a", put(2));
+        assert_eq!(ix.latest(b"a"), gen(2, 1));
+        ix.insert(b"a", put(3));
+        ix.insert(b"a", put(5));
+        assert_eq!(ix.latest(b"a"), gen(2, 3));
+        ix.compact(5);
+        ix.insert(b"a", put(6));
+        assert_eq!(ix.latest(b"a"), gen(2, 4));
+        ix.insert(b"a", del(7));
+        assert_eq!(ix.latest(b"a"), None);
+        ix.insert(b"a", put(8));
+        assert_eq!(ix.latest(b"a"), gen(8, 1));
+        assert_eq!(ix.latest(b"b"), None);
+        // Read back after a restart: the stored values, not a count of what is left.
+        let mut loaded = Index::default();
+        loaded.insert_loaded(b"a", put(6), gen(2, 4));
+        loaded.insert(b"a", put(9));
+        assert_eq!(loaded.latest(b"a"), gen(2, 5));
+        loaded.insert_loaded(b"b", del(10), None);
+        assert_eq!(loaded.latest(b"b"), None);
+        assert_eq!(loaded.live_keys(), 1);
     }
 
     #[test]

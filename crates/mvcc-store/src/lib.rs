@@ -28,7 +28,7 @@ pub use engine::{
     EngineError, KvEngine, MemEngine, ObservedEngine, Replacement, RocksEngine, WriteBatch,
     WriteObserver, KEY_SPACE_END,
 };
-use index::{Change, Index};
+use index::{Change, Generation, Index};
 pub use index::{KeyRange, Rev};
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +91,8 @@ pub struct Applied {
     pub response: WriteResponse,
     /// Store revision after the op.
     pub revision: i64,
-    /// Changes made, all at `revision`, with `prev_kv` filled.
+    /// Changes made, all at `revision`, with `prev_kv` filled, except that a put of an
+    /// existing key leaves it out unless the request itself needed the old value.
     pub events: Vec<Event>,
     pub compaction: Option<CompactionWait>,
 }
@@ -194,7 +195,11 @@ impl Loaded {
             let parsed = parse_rev_key(k).and_then(|rev| decode_value(v).map(|d| (rev, d)));
             match parsed {
                 Ok((rev, (kv, tombstone))) => {
-                    index.insert(&kv.key, Change { rev, tombstone });
+                    let generation = (!tombstone).then_some(Generation {
+                        create: kv.create_revision,
+                        version: kv.version,
+                    });
+                    index.insert_loaded(&kv.key, Change { rev, tombstone }, generation);
                     last = rev;
                     true
                 }

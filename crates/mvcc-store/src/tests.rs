@@ -216,6 +216,30 @@ fn compaction(f: &mut dyn Fixture) {
     assert_eq!(s.current_revision(), 6);
     assert!(matches!(get(&s, "a", 4), Err(MvccError::Compacted)));
     assert_eq!(get(&s, "a", 0).unwrap().kvs[0].version, 2);
+    // Puts take create revision and version from the index, not from the old value: both
+    // must carry on across compaction and reopening.
+    let mut w = W::new(s.clone());
+    w.put("a", "3"); // 7
+    w.put("b", "2"); // 8
+    w.put("c", "2"); // 9
+    let gen = |k| {
+        let kv = get(&s, k, 0).unwrap().kvs[0].clone();
+        (kv.create_revision, kv.version)
+    };
+    assert_eq!(gen("a"), (2, 3));
+    assert_eq!(gen("b"), (8, 1), "deleted before: a new generation");
+    assert_eq!(gen("c"), (6, 2));
+    let done = w.compact(8).unwrap();
+    done.compaction.unwrap().wait_blocking();
+    drop((w, s));
+    let s = f.reopen();
+    let mut w = W::new(s.clone());
+    w.put("c", "3"); // 10
+    let kv = get(&s, "c", 0).unwrap().kvs[0].clone();
+    assert_eq!(
+        (kv.create_revision, kv.version, kv.mod_revision),
+        (6, 3, 10)
+    );
 }
 
 fn compaction_of_everything_keeps_the_revision(f: &mut dyn Fixture) {
@@ -793,9 +817,16 @@ fn events_content(f: &mut dyn Fixture) {
     let e = &second.events[0];
     let kv = e.kv.as_ref().unwrap();
     assert_eq!((kv.version, kv.lease, kv.create_revision), (2, 5, 2));
-    let prev = e.prev_kv.as_ref().unwrap();
+    assert!(
+        e.prev_kv.is_none(),
+        "a put that needs no old value does not read it; watchers load it"
+    );
+    // History has it: the value at the revision before the event's.
+    let mut second_events = s.events_since(3, 1).unwrap();
+    let prev = second_events[0].prev_kv.as_ref().unwrap();
     assert_eq!((&prev.value[..], prev.mod_revision), (&b"v1"[..], 2));
-    all.extend(second.events);
+    assert_eq!(second_events[0].kv, e.kv);
+    all.append(&mut second_events);
 
     let req = DeleteRangeRequest {
         key: b"k".to_vec(),
@@ -853,7 +884,7 @@ fn events_content(f: &mut dyn Fixture) {
     );
     all.extend(txn.events);
 
-    // History replays exactly what the writes returned.
+    // History replays what the writes returned, with every previous value.
     assert_eq!(s.events_since(2, 100).unwrap(), all);
     assert_eq!(s.events_since(0, 100).unwrap(), all);
     assert_eq!(s.events_since(4, 100).unwrap(), all[2..]);
@@ -896,11 +927,14 @@ fn txn_touching_a_key_twice(f: &mut dyn Fixture) {
         .map(|e| e.kv.as_ref().unwrap().version)
         .collect();
     assert_eq!(versions, [2, 3]);
-    // A watcher's previous value is the one at the revision before the event's.
-    for e in &applied.events {
-        assert_eq!(e.prev_kv.as_ref().unwrap().value, b"0");
+    // A watcher's previous value is the one at the revision before the event's ("0"), not
+    // the "1" the second put's response carries. Neither put read it for its event.
+    assert!(applied.events.iter().all(|e| e.prev_kv.is_none()));
+    let history = s.events_since(3, 10).unwrap();
+    for (h, e) in history.iter().zip(&applied.events) {
+        assert_eq!(h.kv, e.kv);
+        assert_eq!(h.prev_kv.as_ref().unwrap().value, b"0");
     }
-    assert_eq!(s.events_since(3, 10).unwrap(), applied.events);
     let kv = &get(&s, "k", 0).unwrap().kvs[0];
     assert_eq!(
         (&kv.value[..], kv.version, kv.create_revision),

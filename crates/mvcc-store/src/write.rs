@@ -13,7 +13,7 @@ use oxcd_proto::etcdserverpb::{
 };
 use oxcd_proto::mvccpb::{event::EventType, Event, KeyValue};
 
-use crate::index::{Change, KeyRange, Rev};
+use crate::index::{Change, Generation, KeyRange, Rev};
 use crate::META_APPLIED;
 use crate::{encode_value, header, range, rev_key, MvccError, MvccStore};
 
@@ -22,7 +22,9 @@ struct Pending {
     kv: KeyValue,
     tombstone: bool,
     /// The key's value before this request (not before an earlier op of the same txn): a
-    /// watcher's `prev_kv` is the value at the revision before the event's.
+    /// watcher's `prev_kv` is the value at the revision before the event's. Left out (None
+    /// although the put's version is above 1) when nothing in the request needed it: a
+    /// watcher that wants it loads it, so the common put does not read its old value.
     prev: Option<KeyValue>,
 }
 
@@ -65,6 +67,18 @@ impl<'a> WriteTxn<'a> {
         }
     }
 
+    /// Create revision and version of the key's latest value as this request sees it,
+    /// without reading the value.
+    fn latest_generation(&self, key: &[u8]) -> Option<Generation> {
+        match self.overlay.get(key) {
+            Some(state) => state.as_ref().map(|kv| Generation {
+                create: kv.create_revision,
+                version: kv.version,
+            }),
+            None => self.store.shared.state.read().index.latest(key),
+        }
+    }
+
     /// The key's committed value before this request began, for events.
     fn before_request(&self, key: &[u8], latest: &Option<KeyValue>) -> Option<KeyValue> {
         if !self.overlay.contains_key(key) {
@@ -76,16 +90,18 @@ impl<'a> WriteTxn<'a> {
             .and_then(|c| c.prev.clone())
     }
 
-    /// `prev` is `self.latest(key)`, passed in so callers that already read it do not again.
+    /// `generation` is the key's latest one as this request sees it; `prev` its latest
+    /// value when the caller read it (`self.latest(key)`), None when it did not need to.
     fn put(
         &mut self,
         key: &[u8],
         value: Vec<u8>,
         lease: i64,
+        generation: Option<Generation>,
         prev: Option<KeyValue>,
     ) -> Result<(), MvccError> {
-        let (create, version) = match &prev {
-            Some(p) => (p.create_revision, p.version + 1),
+        let (create, version) = match generation {
+            Some(g) => (g.create, g.version + 1),
             None => (self.rev(), 1),
         };
         let kv = KeyValue {
@@ -185,7 +201,16 @@ impl<'a> WriteTxn<'a> {
         if p.lease != 0 && !lease_exists(p.lease) {
             return Err(MvccError::LeaseNotFound);
         }
-        // Needed anyway: version and create revision come from it, and events carry it.
+        if !(p.prev_kv || p.ignore_value || p.ignore_lease) {
+            // Nothing here needs the old value: create revision and version come from the
+            // index, and a watcher that wants the old value loads it.
+            let generation = self.latest_generation(&p.key);
+            self.put(&p.key, p.value.clone(), p.lease, generation, None)?;
+            return Ok(PutResponse {
+                header: header(self.rev()),
+                prev_kv: None,
+            });
+        }
         let prev = self.latest(&p.key)?;
         if (p.ignore_value || p.ignore_lease) && prev.is_none() {
             return Err(MvccError::KeyNotFound);
@@ -199,7 +224,11 @@ impl<'a> WriteTxn<'a> {
             _ => p.lease,
         };
         let prev_kv = if p.prev_kv { prev.clone() } else { None };
-        self.put(&p.key, value, lease, prev)?;
+        let generation = prev.as_ref().map(|kv| Generation {
+            create: kv.create_revision,
+            version: kv.version,
+        });
+        self.put(&p.key, value, lease, generation, prev)?;
         Ok(PutResponse {
             header: header(self.rev()),
             prev_kv,

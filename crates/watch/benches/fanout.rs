@@ -22,6 +22,9 @@ impl History for LiveOnly {
     fn events_since(&self, _start: i64, _limit: usize) -> Result<Vec<Event>, HistoryError> {
         Ok(Vec::new())
     }
+    fn value_at(&self, _key: &[u8], _rev: i64) -> Result<Option<KeyValue>, HistoryError> {
+        Ok(None)
+    }
 }
 
 fn put(rev: i64, key: &[u8]) -> Events {

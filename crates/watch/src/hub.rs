@@ -26,8 +26,8 @@ use tokio::time::Instant;
 use crate::notice::{Notice, PendingEvents, WatchEvents};
 use crate::range::{KeyRange, WatcherGroup, WatcherKey};
 use crate::{
-    event_key, event_revision, metric_names, EventShape, Events, History, HistoryError, WatchError,
-    WatchSpec,
+    event_key, event_revision, lacks_prev, metric_names, EventShape, Events, History, HistoryError,
+    WatchError, WatchSpec,
 };
 
 /// Tuning of the hub; the defaults follow etcd where etcd has a number.
@@ -784,6 +784,28 @@ impl Hub {
         }
     }
 
+    /// Fills the `prev_kv` the applier left out of puts, for the events a matched watcher
+    /// wants it with: the key's value at the revision before the event's.
+    fn load_prev_values(&self, events: &mut [Event], matched: &[(WatcherKey, u32)]) {
+        let mut wanted: Vec<usize> = matched
+            .iter()
+            .filter(|(w, i)| {
+                lacks_prev(&events[*i as usize])
+                    && self.watchers.get(w).is_some_and(|w| w.shape.prev_kv)
+            })
+            .map(|&(_, i)| i as usize)
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        for i in wanted {
+            let Some(kv) = &events[i].kv else { continue };
+            match self.history.value_at(&kv.key, kv.mod_revision - 1) {
+                Ok(prev) => events[i].prev_kv = prev,
+                Err(e) => tracing::debug!(error = %e, "watch: previous value not loaded"),
+            }
+        }
+    }
+
     /// One applied revision: every synced watcher interested gets it now, or becomes a victim.
     fn publish(&mut self, ev: Events) {
         if ev.revision <= self.rev {
@@ -801,17 +823,19 @@ impl Hub {
             self.publish_gap(ev.revision);
         }
         let rev = ev.revision;
-        let batch: Arc<[Event]> = ev.events.into();
+        let mut events = ev.events;
         // (watcher, position of a matching event); a watcher matches each event once.
         let mut matched = std::mem::take(&mut self.scratch);
-        for (i, e) in batch.iter().enumerate() {
+        for (i, e) in events.iter().enumerate() {
             self.synced
                 .for_each_matching(event_key(e), |w| matched.push((w, i as u32)));
         }
-        if batch.len() > 1 {
+        if events.len() > 1 {
             // Groups each watcher's events, in the order applied.
             matched.sort_unstable();
         }
+        self.load_prev_values(&mut events, &matched);
+        let batch: Arc<[Event]> = events.into();
         let mut victims = Vec::new();
         let mut closed = Vec::new();
         let mut positions = Vec::new();

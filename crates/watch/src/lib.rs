@@ -18,7 +18,7 @@ mod notice;
 mod range;
 
 use oxcd_proto::etcdserverpb::{watch_create_request::FilterType, WatchCreateRequest};
-use oxcd_proto::mvccpb::{event::EventType, Event};
+use oxcd_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 pub use hub::{HubStats, WatchConfig, WatchHub, WatchStream};
 pub use notice::{Notice, PendingEvents, WatchEvents};
@@ -53,14 +53,21 @@ pub trait History: Send + Sync + 'static {
     /// (An implementation that also refuses `start_rev == compact_revision` is tolerated: the
     /// hub then cancels those watchers as compacted instead of retrying forever.)
     fn events_since(&self, start_rev: i64, limit: usize) -> Result<Vec<Event>, HistoryError>;
+    /// The key's value at revision `rev`, None if it had none. A point read the hub makes on
+    /// its own task, only for a watcher that wants `prev_kv` of a published put that left it
+    /// out (see [`Events`]). `Err(HistoryError::Compacted)` below the compact revision; the
+    /// event then goes out without `prev_kv`, as etcd sends it.
+    fn value_at(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>, HistoryError>;
 }
 
 /// What the applier publishes after each applied revision (on a bounded tokio mpsc channel).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Events {
     pub revision: i64,
-    /// Every change of the revision, in the order applied, `prev_kv` filled. Empty: see
-    /// [`Events::jumped_to`].
+    /// Every change of the revision, in the order applied. `prev_kv` is filled, except that
+    /// a put of an existing key (version above 1) may leave it out: the applier does not read
+    /// the value a put replaces unless something needs it, and the hub loads it from History
+    /// for the watchers that want it. Empty: see [`Events::jumped_to`].
     pub events: Vec<Event>,
 }
 
@@ -159,4 +166,11 @@ pub(crate) fn event_revision(ev: &Event) -> i64 {
 
 pub(crate) fn event_key(ev: &Event) -> &[u8] {
     ev.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice())
+}
+
+/// A put of an existing key published without the value it replaced (see [`Events`]).
+pub(crate) fn lacks_prev(ev: &Event) -> bool {
+    ev.r#type == EventType::Put as i32
+        && ev.prev_kv.is_none()
+        && ev.kv.as_ref().is_some_and(|kv| kv.version > 1)
 }

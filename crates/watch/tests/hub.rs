@@ -169,6 +169,63 @@ async fn filters_and_prev_kv() {
     assert_eq!(prevs, vec![None, Some(b"1".to_vec()), Some(b"2".to_vec())]);
 }
 
+/// The applier publishes a put of an existing key without the value it replaced; the hub
+/// reads it, once, only when a watcher of the event wants it.
+#[tokio::test]
+async fn left_out_prev_values_are_loaded_for_watchers_that_want_them() {
+    let rig = Rig::new(WatchConfig::default());
+    let (ws, mut rx) = rig.stream(64);
+    let plain = ws.watch(spec(b"k", b"")).await.unwrap();
+    created(&mut rx).await;
+    let publish_without_prev = |value: &'static [u8]| {
+        let mut ev = rig.history.put(b"k", value);
+        ev.events[0].prev_kv = None;
+        rig.publish.send(ev)
+    };
+    rig.put(b"k", b"1").await;
+    publish_without_prev(b"2").await.unwrap();
+    rig.settle().await;
+    assert_eq!(rig.history.reads(), 0, "nobody wants the old value");
+
+    let with_prev = ws
+        .watch(WatchSpec {
+            prev_kv: true,
+            ..spec(b"k", b"")
+        })
+        .await
+        .unwrap();
+    let also_prev = ws
+        .watch(WatchSpec {
+            prev_kv: true,
+            ..spec(b"k", b"\0")
+        })
+        .await
+        .unwrap();
+    publish_without_prev(b"3").await.unwrap();
+    rig.settle().await;
+    assert_eq!(rig.history.reads(), 1, "one read for both watchers");
+    let mut by_id: std::collections::HashMap<i64, Vec<_>> = Default::default();
+    while let Ok(n) = rx.try_recv() {
+        if let Notice::Events {
+            watch_id, events, ..
+        } = n
+        {
+            by_id.entry(watch_id).or_default().extend(events.to_vec());
+        }
+    }
+    assert_eq!(by_id[&plain].len(), 3);
+    assert!(by_id[&plain].iter().all(|e| e.prev_kv.is_none()));
+    for id in [with_prev, also_prev] {
+        let evs = &by_id[&id];
+        assert_eq!(evs.len(), 1);
+        let prev = evs[0].prev_kv.as_ref().expect("loaded from history");
+        assert_eq!(
+            (&prev.value[..], prev.version, prev.mod_revision),
+            (&b"2"[..], 2, 2)
+        );
+    }
+}
+
 #[tokio::test]
 async fn past_start_replays_history_then_follows_live() {
     let history = FakeHistory::default();

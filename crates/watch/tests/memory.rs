@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use oxcd_proto::mvccpb::Event;
+use oxcd_proto::mvccpb::{Event, KeyValue};
 use support::*;
 use tokio::sync::mpsc;
 use watch::{History, HistoryError, Notice, WatchConfig, WatchHub, WatchSpec, WatchStream};
@@ -90,6 +90,10 @@ impl History for Gated {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.inner.events_since(start_rev, limit)
+    }
+
+    fn value_at(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>, HistoryError> {
+        self.inner.value_at(key, rev)
     }
 }
 

@@ -135,6 +135,23 @@ impl History for FakeHistory {
         }
         Ok(out)
     }
+
+    fn value_at(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>, HistoryError> {
+        let mut st = self.state.lock().unwrap();
+        st.reads += 1;
+        if rev < st.compact {
+            return Err(HistoryError::Compacted {
+                compact_revision: st.compact,
+            });
+        }
+        let last = st.events.iter().rev().find(|e| {
+            let kv = e.kv.as_ref().unwrap();
+            kv.key == key && kv.mod_revision <= rev
+        });
+        Ok(last
+            .filter(|e| e.r#type == EventType::Put as i32)
+            .and_then(|e| e.kv.clone()))
+    }
 }
 
 pub struct Rig {
