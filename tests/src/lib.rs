@@ -380,6 +380,18 @@ impl Server {
         }
     }
 
+    /// For a server that must refuse to start: waits up to `timeout` for it to exit, checks
+    /// that it failed, and returns its output for the caller to check the reason. `what`
+    /// names the case in panic messages.
+    pub fn expect_refused(&mut self, timeout: Duration, what: &str) -> String {
+        let status = self
+            .wait_exit(timeout)
+            .unwrap_or_else(|| panic!("{what}: still running; output:\n{}", self.output()));
+        let output = self.output();
+        assert!(!status.success(), "{what}: exited {status}:\n{output}");
+        output
+    }
+
     /// SIGKILL, as a crash would: no chance to flush anything.
     pub fn kill9(&mut self) -> ExitStatus {
         self.signal(libc::SIGKILL);

@@ -166,11 +166,7 @@ fn an_unparsable_retention_stops_start_up_with_etcds_error() {
         ),
     ] {
         let mut s = Server::spawn_new(&server_bin(), &args, ConfigVia::Flags);
-        let status = s
-            .wait_exit(Duration::from_secs(15))
-            .unwrap_or_else(|| panic!("{args:?}: still running; output:\n{}", s.output()));
-        let output = s.output();
-        assert!(!status.success(), "{args:?}: exited {status}");
+        let output = s.expect_refused(Duration::from_secs(15), &format!("{args:?}"));
         assert!(
             output.contains(expected),
             "{args:?}: the output does not say {expected:?}:\n{output}"

@@ -148,11 +148,7 @@ fn a_corrupted_follower_gets_the_corrupt_alarm_and_is_refused_start_up() {
         .extra_args
         .push("--experimental-initial-corrupt-check=true".into());
     let mut s = Server::spawn(checked, None);
-    let status = s
-        .wait_exit(START_TIMEOUT)
-        .unwrap_or_else(|| panic!("started despite corrupt data:\n{}", s.output()));
-    assert!(!status.success(), "exit status {status}");
-    let out = s.output();
+    let out = s.expect_refused(START_TIMEOUT, "started despite corrupt data");
     assert!(
         out.contains(&format!("{victim:x} found data inconsistency with peers")),
         "no inconsistency error in the output:\n{out}"

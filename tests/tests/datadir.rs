@@ -43,17 +43,7 @@ fn refuses_an_etcd_data_dir_untouched() {
         ..etcd.spec().clone()
     };
     let mut under_test = Server::spawn(spec, None);
-    let status = under_test.wait_exit(Duration::from_secs(10));
-    let output = under_test.output();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "server kept running on an etcd data dir (should have refused it); output:\n{output}"
-        )
-    });
-    assert!(
-        !status.success(),
-        "server exited {status} on an etcd data dir; output:\n{output}"
-    );
+    let output = under_test.expect_refused(Duration::from_secs(10), "on an etcd data dir");
     assert!(
         output.contains(&data_dir.display().to_string()),
         "the error does not name the data dir {}; output:\n{output}",
@@ -177,11 +167,7 @@ fn a_dedicated_wal_dir_holds_the_log_and_is_required_again() {
         .extra_args
         .retain(|a| !a.starts_with("--wal-dir"));
     s.respawn();
-    let status = s
-        .wait_exit(Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("started without its wal dir:\n{}", s.output()));
-    let output = s.output();
-    assert!(!status.success(), "{output}");
+    let output = s.expect_refused(Duration::from_secs(10), "started without its wal dir");
     assert!(
         output.contains(&wal_dir.display().to_string()) && output.contains("--wal-dir"),
         "the error does not say where the log is:\n{output}"
@@ -213,11 +199,7 @@ fn a_dedicated_wal_dir_holds_the_log_and_is_required_again() {
         ..s.spec().clone()
     };
     let mut refused = Server::spawn(spec, None);
-    let status = refused
-        .wait_exit(Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("ran on etcd's wal dir:\n{}", refused.output()));
-    let output = refused.output();
-    assert!(!status.success(), "{output}");
+    let output = refused.expect_refused(Duration::from_secs(10), "ran on etcd's wal dir");
     assert!(
         output.contains(&etcd_wal.display().to_string()),
         "the error does not name the wal dir:\n{output}"

@@ -183,8 +183,7 @@ fn an_https_url_without_a_certificate_is_refused_at_start() {
         peer_listen_port: None,
     };
     let mut s = Server::spawn(spec, None);
-    let status = s.wait_exit(START_TIMEOUT).expect("server kept running");
-    assert!(!status.success());
+    s.expect_refused(START_TIMEOUT, "https client url without a certificate");
     let expected = format!(
         "TLS key/cert (--cert-file, --key-file) must be provided for client url {url} with \
          HTTPS scheme"
