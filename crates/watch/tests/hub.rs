@@ -20,6 +20,26 @@ async fn created(rx: &mut tokio::sync::mpsc::Receiver<Notice>) -> (i64, i64) {
     }
 }
 
+fn wanting_prev(s: WatchSpec) -> WatchSpec {
+    WatchSpec { prev_kv: true, ..s }
+}
+
+/// The events of every notice queued so far, per watch id.
+fn drain_events(
+    rx: &mut tokio::sync::mpsc::Receiver<Notice>,
+) -> std::collections::HashMap<i64, Vec<oxcd_proto::mvccpb::Event>> {
+    let mut by_id: std::collections::HashMap<i64, Vec<_>> = Default::default();
+    while let Ok(n) = rx.try_recv() {
+        if let Notice::Events {
+            watch_id, events, ..
+        } = n
+        {
+            by_id.entry(watch_id).or_default().extend(events.to_vec());
+        }
+    }
+    by_id
+}
+
 #[tokio::test]
 async fn synced_watcher_gets_each_revision_as_published() {
     let rig = Rig::new(WatchConfig::default());
@@ -133,13 +153,7 @@ async fn filters_and_prev_kv() {
         .await
         .unwrap();
     let plain = ws.watch(spec(b"k", b"")).await.unwrap();
-    let with_prev = ws
-        .watch(WatchSpec {
-            prev_kv: true,
-            ..spec(b"k", b"")
-        })
-        .await
-        .unwrap();
+    let with_prev = ws.watch(wanting_prev(spec(b"k", b""))).await.unwrap();
     for _ in 0..4 {
         created(&mut rx).await;
     }
@@ -147,15 +161,7 @@ async fn filters_and_prev_kv() {
     rig.put(b"k", b"2").await;
     rig.apply(&[(b"k", None)]).await;
     rig.settle().await;
-    let mut by_id: std::collections::HashMap<i64, Vec<_>> = Default::default();
-    while let Ok(n) = rx.try_recv() {
-        if let Notice::Events {
-            watch_id, events, ..
-        } = n
-        {
-            by_id.entry(watch_id).or_default().extend(events.to_vec());
-        }
-    }
+    let by_id = drain_events(&mut rx);
     let types = |id| by_id[&id].iter().map(|e| e.r#type).collect::<Vec<_>>();
     assert_eq!(types(no_put), vec![DEL]);
     assert_eq!(types(no_del), vec![PUT, PUT]);
@@ -187,32 +193,12 @@ async fn left_out_prev_values_are_loaded_for_watchers_that_want_them() {
     rig.settle().await;
     assert_eq!(rig.history.reads(), 0, "nobody wants the old value");
 
-    let with_prev = ws
-        .watch(WatchSpec {
-            prev_kv: true,
-            ..spec(b"k", b"")
-        })
-        .await
-        .unwrap();
-    let also_prev = ws
-        .watch(WatchSpec {
-            prev_kv: true,
-            ..spec(b"k", b"\0")
-        })
-        .await
-        .unwrap();
+    let with_prev = ws.watch(wanting_prev(spec(b"k", b""))).await.unwrap();
+    let also_prev = ws.watch(wanting_prev(spec(b"k", b"\0"))).await.unwrap();
     publish_without_prev(b"3").await.unwrap();
     rig.settle().await;
     assert_eq!(rig.history.reads(), 1, "one read for both watchers");
-    let mut by_id: std::collections::HashMap<i64, Vec<_>> = Default::default();
-    while let Ok(n) = rx.try_recv() {
-        if let Notice::Events {
-            watch_id, events, ..
-        } = n
-        {
-            by_id.entry(watch_id).or_default().extend(events.to_vec());
-        }
-    }
+    let by_id = drain_events(&mut rx);
     assert_eq!(by_id[&plain].len(), 3);
     assert!(by_id[&plain].iter().all(|e| e.prev_kv.is_none()));
     for id in [with_prev, also_prev] {
