@@ -233,6 +233,7 @@ fn scenario(name: &'static str, quick: bool, scale: f64) -> Scenario {
                 prefix: false,
                 val_size: 256,
                 settle_timeout: 10.0,
+                prev_kv: false,
             };
             Scenario {
                 name,

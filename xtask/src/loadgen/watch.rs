@@ -40,6 +40,10 @@ pub struct WatchArgs {
     /// Seconds to wait after the last put for events still in flight; missing ones are errors.
     #[arg(long, default_value_t = 10.0)]
     pub settle_timeout: f64,
+    /// Watchers ask for the previous value of each key (as Kubernetes' API server does); an
+    /// event of an overwritten key that comes without it counts as an error.
+    #[arg(long)]
+    pub prev_kv: bool,
 }
 
 impl WatchArgs {
@@ -54,6 +58,7 @@ impl WatchArgs {
             prefix: false,
             val_size: 8,
             settle_timeout: 10.0,
+            prev_kv: false,
         }
     }
 }
@@ -127,6 +132,7 @@ pub async fn run(label: &str, common: &Common, args: &WatchArgs) -> Result<Repor
         let mut stop_rx = stop_rx.clone();
         let ready_tx = ready_tx.clone();
         let n = args.watchers_per_stream;
+        let prev_kv = args.prev_kv;
         tasks.push(tokio::spawn(async move {
             let mut out = StreamOutcome {
                 events: Stats::new(),
@@ -140,6 +146,7 @@ pub async fn run(label: &str, common: &Common, args: &WatchArgs) -> Result<Repor
                         WatchCreateRequest {
                             key: key.clone(),
                             range_end: range_end.clone(),
+                            prev_kv,
                             ..Default::default()
                         },
                     )),
@@ -201,6 +208,12 @@ pub async fn run(label: &str, common: &Common, args: &WatchArgs) -> Result<Repor
                 }
                 let now_ns = base.elapsed().as_nanos() as u64;
                 for ev in resp.events {
+                    let overwrite = ev.kv.as_ref().is_some_and(|kv| kv.version > 1);
+                    if prev_kv && overwrite && ev.prev_kv.is_none() {
+                        out.events
+                            .record_err("event of an overwrite without prev_kv");
+                        continue;
+                    }
                     let value = ev.kv.map(|kv| kv.value).unwrap_or_default();
                     match put_number(&value).and_then(|i| sent.get(i as usize)) {
                         Some(at) => {
