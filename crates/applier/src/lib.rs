@@ -552,11 +552,13 @@ impl Applier {
         let Some(leases) = &self.leases else { return };
         for ev in events {
             let Some(kv) = &ev.kv else { continue };
-            // A put may come without the value it replaced (mvcc-store reads it only when
-            // needed); the lessor knows which lease holds the key.
+            // A put of an existing key may come without the value it replaced (mvcc-store
+            // reads it only when needed); the lessor knows which lease holds the key. A new
+            // key (version 1) held none.
             let old = match &ev.prev_kv {
                 Some(p) => p.lease,
-                None => leases.lease_of(&kv.key).unwrap_or(0),
+                None if kv.version > 1 => leases.lease_of(&kv.key).unwrap_or(0),
+                None => 0,
             };
             let new = if ev.r#type == EventType::Delete as i32 {
                 0

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use oxcd_proto::mvccpb::KeyValue;
+
 /// A store revision: `main` counts committed write requests, `sub` orders changes within one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Rev {
@@ -77,6 +79,16 @@ pub struct Generation {
     pub version: i64,
 }
 
+impl Generation {
+    /// The generation a stored value states.
+    pub fn of(kv: &KeyValue) -> Self {
+        Generation {
+            create: kv.create_revision,
+            version: kv.version,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Index {
     keys: BTreeMap<Vec<u8>, KeyHistory>,
@@ -145,10 +157,10 @@ impl Index {
     fn push(h: &mut KeyHistory, live: &mut usize, change: Change, generation: Option<Generation>) {
         let was_live = h.changes.last().is_some_and(|c| !c.tombstone);
         debug_assert!(h.changes.last().is_none_or(|c| c.rev < change.rev));
+        debug_assert!(!(change.tombstone && generation.is_some()));
         h.changes.push(change);
-        let g = generation.filter(|_| !change.tombstone);
-        h.create = g.map_or(0, |g| g.create);
-        h.version = g.map_or(0, |g| g.version);
+        h.create = generation.map_or(0, |g| g.create);
+        h.version = generation.map_or(0, |g| g.version);
         match (was_live, change.tombstone) {
             (false, false) => *live += 1,
             (true, true) => *live -= 1,

@@ -195,10 +195,7 @@ impl Loaded {
             let parsed = parse_rev_key(k).and_then(|rev| decode_value(v).map(|d| (rev, d)));
             match parsed {
                 Ok((rev, (kv, tombstone))) => {
-                    let generation = (!tombstone).then_some(Generation {
-                        create: kv.create_revision,
-                        version: kv.version,
-                    });
+                    let generation = (!tombstone).then(|| Generation::of(&kv));
                     index.insert_loaded(&kv.key, Change { rev, tombstone }, generation);
                     last = rev;
                     true

@@ -71,10 +71,7 @@ impl<'a> WriteTxn<'a> {
     /// without reading the value.
     fn latest_generation(&self, key: &[u8]) -> Option<Generation> {
         match self.overlay.get(key) {
-            Some(state) => state.as_ref().map(|kv| Generation {
-                create: kv.create_revision,
-                version: kv.version,
-            }),
+            Some(state) => state.as_ref().map(Generation::of),
             None => self.store.shared.state.read().index.latest(key),
         }
     }
@@ -224,10 +221,7 @@ impl<'a> WriteTxn<'a> {
             _ => p.lease,
         };
         let prev_kv = if p.prev_kv { prev.clone() } else { None };
-        let generation = prev.as_ref().map(|kv| Generation {
-            create: kv.create_revision,
-            version: kv.version,
-        });
+        let generation = prev.as_ref().map(Generation::of);
         self.put(&p.key, value, lease, generation, prev)?;
         Ok(PutResponse {
             header: header(self.rev()),
