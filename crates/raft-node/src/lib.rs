@@ -277,6 +277,14 @@ pub struct RaftNode<R> {
     /// follower forwards its proposals to the leader, so the log index is unknown until the
     /// entry commits; the context travels with the entry and finds the responder again.
     pending: HashMap<u64, Pending<R>>,
+    /// Proposals taken from the command channel since the last Ready, stepped into raft
+    /// together as one MsgPropose (a follower forwards them to the leader in one message).
+    batch: Vec<Entry>,
+    batch_replies: Vec<(u64, R)>,
+    batch_bytes: usize,
+    /// Proposal bytes taken per pass before the Ready is handled: bounds the size of one
+    /// append message and how long a pass keeps the loop from persisting.
+    intake_budget: usize,
     /// Ticks a proposal may wait for its entry before its responder is dropped (the entry was
     /// lost with a leader; the caller has long timed out).
     proposal_patience: u64,
@@ -366,6 +374,9 @@ impl<R: Send + 'static> RaftNode<R> {
             max_size_per_msg: cfg.max_size_per_msg,
             pre_vote: cfg.pre_vote,
             check_quorum: cfg.check_quorum,
+            // Entries proposed while one Ready is being prepared go to each follower in one
+            // append (and come back as one acknowledgement) instead of one message per entry.
+            batch_append: true,
             ..Default::default()
         };
         raft_cfg.validate()?;
@@ -382,6 +393,10 @@ impl<R: Send + 'static> RaftNode<R> {
             transport,
             committed_tx,
             pending: HashMap::new(),
+            batch: Vec::new(),
+            batch_replies: Vec::new(),
+            batch_bytes: 0,
+            intake_budget: cfg.max_size_per_msg.clamp(64 * 1024, 64 * 1024 * 1024) as usize,
             proposal_patience: 10 * cfg.election_tick as u64,
             // A random start keeps ids of this run apart from those already in the log.
             next_proposal: RandomState::new().hash_one(cfg.id),
@@ -444,9 +459,13 @@ impl<R: Send + 'static> RaftNode<R> {
             match woke {
                 Some(Ok(Some(cmd))) => {
                     self.handle(cmd);
-                    while let Ok(cmd) = commands.try_recv() {
-                        self.handle(cmd);
+                    while self.batch_bytes < self.intake_budget {
+                        match commands.try_recv() {
+                            Ok(cmd) => self.handle(cmd),
+                            Err(_) => break,
+                        }
                     }
+                    self.propose_batch();
                 }
                 Some(Err(_elapsed)) => {}
                 Some(Ok(None)) => {
@@ -495,10 +514,32 @@ impl<R: Send + 'static> RaftNode<R> {
     fn handle(&mut self, cmd: RaftCommand<R>) {
         match cmd {
             RaftCommand::Propose { data, reply } => {
-                self.propose_with(reply, |raw, ctx| raw.propose(ctx, data));
+                self.stats.proposals.fetch_add(1, Ordering::Relaxed);
+                let id = self.proposal_id();
+                self.batch_bytes += data.len();
+                self.batch.push(Entry {
+                    data: data.into(),
+                    context: id.to_le_bytes().to_vec().into(),
+                    ..Default::default()
+                });
+                self.batch_replies.push((id, reply));
             }
             RaftCommand::ProposeConfChange { change, reply } => {
-                self.propose_with(reply, |raw, ctx| raw.propose_conf_change(ctx, change));
+                // After the entries proposed before it, as they arrived.
+                self.propose_batch();
+                self.stats.proposals.fetch_add(1, Ordering::Relaxed);
+                if self.raw.raft.leader_id == raft::INVALID_ID {
+                    tracing::debug!("raft: no leader, membership change dropped");
+                    return;
+                }
+                let id = self.proposal_id();
+                match self
+                    .raw
+                    .propose_conf_change(id.to_le_bytes().to_vec(), change)
+                {
+                    Ok(()) => self.keep_pending(id, reply),
+                    Err(e) => tracing::debug!(error = %e, "raft: membership change dropped"),
+                }
             }
             // Every read arriving before the next Ready shares one read-index round.
             RaftCommand::ReadIndex { reply } => self.queued_reads.push(reply),
@@ -511,6 +552,10 @@ impl<R: Send + 'static> RaftNode<R> {
                 }
             }
             RaftCommand::Step(msg) => {
+                if msg.get_msg_type() == raft::prelude::MessageType::MsgPropose {
+                    // A follower's forwarded proposals count against this pass's intake too.
+                    self.batch_bytes += msg.entries.iter().map(|e| e.data.len()).sum::<usize>();
+                }
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "raft: step failed");
                 }
@@ -518,35 +563,51 @@ impl<R: Send + 'static> RaftNode<R> {
         }
     }
 
-    /// Appends one entry through `propose` (which gets the context to tag it with) and keeps
-    /// `reply` for when it commits. Dropping a responder tells the caller the proposal was not
-    /// taken; the caller counts it as failed (it also sees timeouts, which never reach here).
-    fn propose_with(
-        &mut self,
-        reply: R,
-        propose: impl FnOnce(&mut RawNode<WalStorage>, Vec<u8>) -> raft::Result<()>,
-    ) {
-        self.stats.proposals.fetch_add(1, Ordering::Relaxed);
-        if self.raw.raft.leader_id == raft::INVALID_ID {
-            tracing::debug!("raft: no leader, proposal dropped");
-            return;
-        }
+    fn proposal_id(&mut self) -> u64 {
         let id = self.next_proposal;
         self.next_proposal = self.next_proposal.wrapping_add(1);
-        // On a follower raft forwards the entry to the leader (MsgPropose); it commits with
-        // its context, wherever it was appended.
-        match propose(&mut self.raw, id.to_le_bytes().to_vec()) {
+        id
+    }
+
+    fn keep_pending(&mut self, id: u64, reply: R) {
+        let (term, at_tick) = (self.raw.raft.term, self.ticks);
+        self.pending.insert(
+            id,
+            Pending {
+                reply,
+                term,
+                at_tick,
+            },
+        );
+    }
+
+    /// Steps the queued proposals into raft as one MsgPropose and keeps their responders for
+    /// when their entries commit. Dropping a responder tells the caller the proposal was not
+    /// taken; the caller counts it as failed (it also sees timeouts, which never reach here).
+    fn propose_batch(&mut self) {
+        self.batch_bytes = 0;
+        if self.batch.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.batch);
+        let replies = std::mem::take(&mut self.batch_replies);
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            tracing::debug!(count = entries.len(), "raft: no leader, proposals dropped");
+            return;
+        }
+        // What RawNode::propose does for one entry. On a follower raft forwards the message
+        // to the leader; each entry commits with its context, wherever it was appended.
+        let mut m = Message::default();
+        m.set_msg_type(raft::prelude::MessageType::MsgPropose);
+        m.from = self.raw.raft.id;
+        m.set_entries(entries.into());
+        match self.raw.raft.step(m) {
             Ok(()) => {
-                self.pending.insert(
-                    id,
-                    Pending {
-                        reply,
-                        term: self.raw.raft.term,
-                        at_tick: self.ticks,
-                    },
-                );
+                for (id, reply) in replies {
+                    self.keep_pending(id, reply);
+                }
             }
-            Err(e) => tracing::debug!(error = %e, "raft: proposal dropped"),
+            Err(e) => tracing::debug!(error = %e, "raft: proposals dropped"),
         }
     }
 

@@ -411,16 +411,30 @@ async fn a_conf_change_is_applied_persisted_and_delivered() {
 struct Net {
     peers: std::sync::Arc<std::sync::Mutex<HashMap<u64, mpsc::Sender<RaftCommand<Reply>>>>>,
     isolated: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+    /// The Ready loop of member `paused` waits in its next send until this is reset to 0.
+    paused: std::sync::Arc<AtomicU64>,
+    /// (type, from, entries) of every message delivered.
+    log: std::sync::Arc<std::sync::Mutex<Vec<(raft::prelude::MessageType, u64, usize)>>>,
 }
 
 impl Transport for Net {
     fn send(&mut self, msgs: Vec<Message>) {
+        while msgs
+            .iter()
+            .any(|m| m.from == self.paused.load(Ordering::Acquire))
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let isolated = self.isolated.lock().unwrap();
         let peers = self.peers.lock().unwrap();
         for m in msgs {
             if isolated.contains(&m.from) || isolated.contains(&m.to) {
                 continue;
             }
+            self.log
+                .lock()
+                .unwrap()
+                .push((m.get_msg_type(), m.from, m.entries.len()));
             if let Some(tx) = peers.get(&m.to) {
                 // A full queue is a lost packet; raft retries.
                 let _ = tx.try_send(RaftCommand::Step(Box::new(m)));
@@ -437,6 +451,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(ids: &[u64]) -> Cluster {
+        Self::start_ticking(ids, Duration::from_millis(10))
+    }
+
+    /// Election timeouts are 10 to 20 ticks.
+    fn start_ticking(ids: &[u64], tick: Duration) -> Cluster {
         let net = Net::default();
         let mut nodes = HashMap::new();
         let mut dirs = Vec::new();
@@ -445,7 +464,7 @@ impl Cluster {
             let cfg = RaftConfig {
                 id,
                 voters: ids.to_vec(),
-                tick_interval: Duration::from_millis(10),
+                tick_interval: tick,
                 ..RaftConfig::default()
             };
             let node = spawn(cfg, dir.path(), 0, vec![], Box::new(net.clone()));
@@ -572,6 +591,114 @@ async fn three_members_elect_one_leader_and_commit_on_all() {
             .unwrap();
         assert!(index >= last, "member {id}: read index {index} < {last}");
     }
+    c.stop();
+}
+
+impl Cluster {
+    /// Holds member `id`'s Ready loop in its next send (it sends at least a heartbeat or its
+    /// answer every tick) until `resume`.
+    async fn pause(&self, id: u64) {
+        self.net.paused.store(id, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    fn resume(&self) {
+        self.net.paused.store(0, Ordering::Release);
+    }
+
+    /// Queues `n` proposals at member `id`, tagged `tag`; returns their answers.
+    async fn queue(&self, id: u64, tag: u8, n: u32) -> Vec<(Vec<u8>, oneshot::Receiver<u64>)> {
+        let mut answers = Vec::new();
+        for i in 0..n {
+            let mut data = vec![tag];
+            data.extend(i.to_le_bytes());
+            let (reply, rx) = oneshot::channel();
+            self.nodes[&id]
+                .tx
+                .send(RaftCommand::Propose {
+                    data: data.clone(),
+                    reply,
+                })
+                .await
+                .unwrap();
+            answers.push((data, rx));
+        }
+        answers
+    }
+
+    /// Waits for every answer and checks each proposer got its own entry.
+    async fn check_answers(&self, answers: Vec<(Vec<u8>, oneshot::Receiver<u64>)>) {
+        let mut got = Vec::new();
+        for (data, rx) in answers {
+            let index = tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .expect("proposal timed out")
+                .expect("proposal dropped");
+            got.push((data, index));
+        }
+        let last = got.iter().map(|(_, i)| *i).max().unwrap_or(0);
+        let log = self.converged(last).await;
+        for (data, index) in got {
+            let entry = log.iter().find(|(x, _)| *x == index).unwrap();
+            assert_eq!(entry.1, data, "a proposal answered by its own entry");
+        }
+    }
+
+    /// Sizes of the delivered messages of type `t` that carried entries, and forgets them.
+    fn sent_with_entries(&self, t: raft::prelude::MessageType) -> Vec<usize> {
+        let mut log = self.net.log.lock().unwrap();
+        let sizes = log
+            .iter()
+            .filter(|(ty, _, n)| *ty == t && *n > 0)
+            .map(|(_, _, n)| *n)
+            .collect();
+        if t == raft::prelude::MessageType::MsgAppend {
+            log.clear();
+        }
+        sizes
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_queued_together_are_forwarded_and_replicated_in_shared_messages() {
+    use raft::prelude::MessageType;
+    const N: u32 = 200;
+    // Long ticks: a member held for a while must not cost the leader its term.
+    let c = Cluster::start_ticking(&[1, 2, 3], Duration::from_millis(50));
+    let leader = c.leader(&[1, 2, 3]).await.id;
+    let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+
+    // A follower's loop takes every proposal queued meanwhile in one pass and forwards them in
+    // one message.
+    c.pause(followers[0]).await;
+    let answers = c.queue(followers[0], 0, N).await;
+    c.net.log.lock().unwrap().clear();
+    c.resume();
+    c.check_answers(answers).await;
+    assert_eq!(
+        c.sent_with_entries(MessageType::MsgPropose),
+        vec![N as usize]
+    );
+    let appends = c.sent_with_entries(MessageType::MsgAppend);
+    assert!(appends.iter().sum::<usize>() >= 2 * N as usize);
+
+    // The leader takes its own proposals and both followers' forwarded ones in one pass: each
+    // follower gets them in one append, not one per proposing member.
+    c.pause(leader).await;
+    let mut answers = c.queue(leader, 1, N).await;
+    for (tag, f) in (2..).zip(&followers) {
+        answers.extend(c.queue(*f, tag, N).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.net.log.lock().unwrap().clear();
+    c.resume();
+    c.check_answers(answers).await;
+    let appends = c.sent_with_entries(MessageType::MsgAppend);
+    assert!(appends.iter().sum::<usize>() >= 2 * 3 * N as usize);
+    assert!(
+        appends.len() <= 2 * 2,
+        "one append per follower for what one pass proposed: {appends:?}"
+    );
     c.stop();
 }
 
