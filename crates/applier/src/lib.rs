@@ -1,8 +1,9 @@
 //! applier: turns committed raft entries into state, in log order, on every member.
 //!
 //! Reads: `Committed` batches from raft-node's committed channel.
-//! Writes: each entry into mvcc-store (one engine batch per entry, carrying the raft index, so a
-//! restart replays exactly what was not applied yet); the resulting `Events` to the watch hub;
+//! Writes: each entry into mvcc-store (one engine batch per entry, or per run of consecutive
+//! plain puts, always carrying the raft index, so a restart replays exactly what was not applied
+//! yet); the resulting `Events` to the watch hub;
 //! the applied index on a `tokio::sync::watch` channel (linearizable reads wait on it); and the
 //! outcome to the proposer's oneshot, which only the member that proposed the entry holds.
 //! Lease grants, revokes and checkpoints go to the lessor (`lease::LeaseHandle`), and
@@ -200,10 +201,20 @@ impl Applier {
                 self.install_snapshot(snap);
             }
             let mut last = None;
+            let mut run = Vec::new();
             for entry in batch.entries {
                 last = Some(entry.index);
-                self.apply_entry(entry);
+                match self.decode_entry(&entry) {
+                    Some(Ok(req)) if self.joins_put_run(entry.index, &req) => {
+                        run.push((entry, req))
+                    }
+                    decoded => {
+                        self.apply_put_run(std::mem::take(&mut run));
+                        self.apply_entry(entry, decoded);
+                    }
+                }
             }
+            self.apply_put_run(run);
             self.send_events();
             if let Some(index) = last {
                 // A gauge holding the applied index, as etcd exports it despite the name.
@@ -289,10 +300,107 @@ impl Applier {
         Ok(applied)
     }
 
-    fn apply_entry(&mut self, entry: CommittedEntry<Responder>) {
+    /// The request a normal entry carries; None when there is nothing to decode (another kind
+    /// of entry, an empty one, or one already applied).
+    fn decode_entry(
+        &self,
+        entry: &CommittedEntry<Responder>,
+    ) -> Option<Result<InternalRaftRequest, ApplyError>> {
+        if entry.kind != EntryKind::Normal
+            || entry.data.is_empty()
+            || (entry.index != 0 && entry.index <= self.store.applied_index())
+        {
+            return None;
+        }
+        Some(decode_request(&entry.data).map_err(|e| ApplyError::Decode {
+            index: entry.index,
+            reason: e.to_string(),
+        }))
+    }
+
+    /// Whether the entry is a plain put (no prev_kv, ignore_value or ignore_lease) that
+    /// `apply_payload` would apply as such: no alarm refuses it and it does not find the
+    /// backend over its quota. Such puts are applied together (`apply_put_run`).
+    fn joins_put_run(&self, index: u64, req: &InternalRaftRequest) -> bool {
+        let Some(p) = &req.put else { return false };
+        let other = req.lease_grant.is_some()
+            || req.lease_revoke.is_some()
+            || req.alarm.is_some()
+            || req.lease_checkpoint.is_some()
+            || req.member_attr_set.is_some()
+            || req.member_update.is_some();
+        if index == 0 || other || p.prev_kv || p.ignore_value || p.ignore_lease {
+            return false;
+        }
+        let Some((alarms, quota)) = &self.alarms else {
+            return true;
+        };
+        let cost = request_cost(req);
+        let refused =
+            alarms.active(AlarmType::Corrupt) || (alarms.active(AlarmType::Nospace) && cost > 0);
+        let over =
+            cost > 0 && quota.limit().is_some() && !quota.available(self.store.db_size(), cost);
+        !(refused || over)
+    }
+
+    /// Applies consecutive plain puts with one store write, then answers their proposers in
+    /// log order.
+    fn apply_put_run(&mut self, run: Vec<(CommittedEntry<Responder>, InternalRaftRequest)>) {
+        if run.is_empty() {
+            return;
+        }
+        let leases = self.leases.clone();
+        let lease_exists = |id: i64| leases.as_ref().is_some_and(|l| l.contains(id));
+        let puts: Vec<(u64, &oxcd_proto::etcdserverpb::PutRequest)> = run
+            .iter()
+            .filter_map(|(e, req)| req.put.as_ref().map(|p| (e.index, p)))
+            .collect();
+        let outcomes = match self.store.apply_puts(&puts, &lease_exists) {
+            Ok(o) => o,
+            Err(e) => {
+                // The engine failed: no put of the run is in; each proposer learns why.
+                let text = e.to_string();
+                tracing::error!(error = %text, "applier: batch of puts not applied");
+                for (entry, _) in run {
+                    if let Some(reply) = entry.reply {
+                        let _ = reply.send(Err(ApplyError::Mvcc(MvccError::Engine(
+                            mvcc_store::EngineError::Other(text.clone()),
+                        ))));
+                    }
+                }
+                return;
+            }
+        };
+        for ((entry, _), outcome) in run.into_iter().zip(outcomes) {
+            let outcome = outcome.map_err(ApplyError::from).map(|(response, event)| {
+                let revision = response.header.as_ref().map_or(0, |h| h.revision);
+                let events = vec![event];
+                self.track_attachments(&events);
+                self.publish(revision, events);
+                ApplyResponse::Put(response)
+            });
+            match entry.reply {
+                // The client may have gone away; its result is applied all the same.
+                Some(reply) => {
+                    let _ = reply.send(outcome);
+                }
+                None => {
+                    if let Err(e) = outcome {
+                        tracing::debug!(index = entry.index, error = %e, "applied entry failed (no waiting client)");
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_entry(
+        &mut self,
+        entry: CommittedEntry<Responder>,
+        decoded: Option<Result<InternalRaftRequest, ApplyError>>,
+    ) {
         let started = Instant::now();
         let index = entry.index;
-        let outcome = self.apply_payload(index, entry.kind, &entry.data);
+        let outcome = self.apply_payload(index, entry.kind, &entry.data, decoded);
         let took = started.elapsed();
         if took.as_millis() >= 100 {
             tracing::warn!(
@@ -309,11 +417,13 @@ impl Applier {
         }
     }
 
+    /// `decoded`: the entry's request if the caller has decoded it already.
     fn apply_payload(
         &mut self,
         index: u64,
         kind: EntryKind,
         data: &[u8],
+        decoded: Option<Result<InternalRaftRequest, ApplyError>>,
     ) -> Result<ApplyResponse, ApplyError> {
         use mvcc_store::WriteOp;
         if index != 0 && index <= self.store.applied_index() {
@@ -337,10 +447,13 @@ impl Applier {
                 revision: applied.revision,
             });
         }
-        let req = decode_request(data).map_err(|e| ApplyError::Decode {
-            index,
-            reason: e.to_string(),
-        })?;
+        let req = match decoded {
+            Some(d) => d?,
+            None => decode_request(data).map_err(|e| ApplyError::Decode {
+                index,
+                reason: e.to_string(),
+            })?,
+        };
         let Some((alarms, quota)) = self.alarms.clone() else {
             return self.apply_request(index, &req);
         };

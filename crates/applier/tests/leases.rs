@@ -108,6 +108,41 @@ impl Member {
         )
     }
 
+    /// Applies `reqs` as one committed batch; returns their outcomes and the engine batches
+    /// they took together.
+    async fn apply_batch(
+        &mut self,
+        reqs: Vec<InternalRaftRequest>,
+    ) -> (Vec<Result<ApplyResponse, ApplyError>>, usize) {
+        let before = self.engine.observer().0.load(Ordering::SeqCst);
+        let mut entries = Vec::new();
+        let mut answers = Vec::new();
+        for req in reqs {
+            let (tx, rx) = oneshot::channel();
+            entries.push(CommittedEntry {
+                index: self.next,
+                term: 2,
+                kind: EntryKind::Normal,
+                data: encode_request(&req),
+                reply: Some(tx),
+            });
+            answers.push(rx);
+            self.next += 1;
+        }
+        self.committed
+            .send(Committed::entries(entries))
+            .await
+            .unwrap();
+        let mut outcomes = Vec::new();
+        for rx in answers {
+            outcomes.push(rx.await.unwrap());
+        }
+        (
+            outcomes,
+            self.engine.observer().0.load(Ordering::SeqCst) - before,
+        )
+    }
+
     fn records(&self) -> Vec<lease::LeaseRecord> {
         let engine: Arc<dyn KvEngine> = self.engine.clone();
         EngineLeaseStore::new(engine).load().unwrap()
@@ -250,5 +285,68 @@ async fn leases_their_keys_and_checkpoints_survive_a_restart() {
     assert_eq!(m.leases.time_to_live(2).unwrap().ttl, 400);
     m.leases.promote(Duration::ZERO);
     assert!(m.leases.time_to_live(2).unwrap().ttl > 390);
+    m.stop();
+}
+
+#[tokio::test]
+async fn runs_of_plain_puts_in_a_batch_share_one_engine_write() {
+    let mut m = Member::start(counting_engine());
+    m.apply(grant(7, 60)).await.0.unwrap();
+    let rev = m.store.current_revision();
+    let mut with_prev = put("x", 0);
+    with_prev.put.as_mut().unwrap().prev_kv = true;
+    let (outcomes, writes) = m
+        .apply_batch(vec![
+            put("a", 7),
+            put("b", 0),
+            put("a", 0), // moves "a" off lease 7
+            with_prev,   // needs the old value: applied on its own
+            put("c", 9), // no such lease
+            put("d", 0),
+        ])
+        .await;
+    assert_eq!(writes, 3, "two runs of plain puts and the put between them");
+    let revisions: Vec<Option<i64>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(ApplyResponse::Put(r)) => Some(r.header.as_ref().unwrap().revision),
+            Err(ApplyError::Mvcc(mvcc_store::MvccError::LeaseNotFound)) => None,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        revisions,
+        vec![
+            Some(rev + 1),
+            Some(rev + 2),
+            Some(rev + 3),
+            Some(rev + 4),
+            None,
+            Some(rev + 5)
+        ]
+    );
+    let mut published = Vec::new();
+    for _ in 0..5 {
+        let ev = m.events.recv().await.unwrap();
+        let kv = ev.events[0].kv.clone().unwrap();
+        published.push((ev.revision, kv.key, kv.version));
+    }
+    assert_eq!(
+        published,
+        vec![
+            (rev + 1, b"a".to_vec(), 1),
+            (rev + 2, b"b".to_vec(), 1),
+            (rev + 3, b"a".to_vec(), 2),
+            (rev + 4, b"x".to_vec(), 1),
+            (rev + 5, b"d".to_vec(), 1),
+        ]
+    );
+    assert!(m.leases.keys(7).unwrap().is_empty());
+    assert_eq!(m.leases.lease_of(b"a"), None);
+    assert_eq!(m.store.applied_index(), 7);
+    let engine = m.stop();
+    let m = Member::start(engine);
+    assert_eq!(m.store.applied_index(), 7);
+    assert_eq!(m.store.current_revision(), rev + 5);
     m.stop();
 }

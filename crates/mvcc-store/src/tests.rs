@@ -1499,6 +1499,90 @@ fn failed_install_keeps_the_store(f: &mut dyn Fixture) {
     assert!(get(&d, "old", 0).unwrap().kvs.is_empty());
 }
 
+/// A run of plain puts applied together answers, records and survives a reopen exactly as
+/// the same puts applied one by one: a key written twice in the run, a key deleted before
+/// it, one with a lease and one whose lease is missing (fails without a revision).
+fn put_run_matches_puts_one_by_one(f: &mut dyn Fixture) {
+    let plain = |k: &str, v: &str, lease: i64| PutRequest {
+        key: k.into(),
+        value: v.into(),
+        lease,
+        ..Default::default()
+    };
+    let leases: &dyn Fn(i64) -> bool = &|id| id == 7;
+    let run = [
+        plain("a", "1", 0),
+        plain("b", "1", 7),
+        plain("a", "2", 0),
+        plain("c", "1", 9),
+        plain("gone", "back", 0),
+        plain("a", "3", 7),
+    ];
+    let prepare = |s: &MvccStore| {
+        let mut w = W::new(s.clone());
+        w.put("a", "0");
+        w.put("gone", "x");
+        w.del("gone", "");
+        w.index
+    };
+
+    let one = mem();
+    let base = prepare(&one.store());
+    let mut singles = Vec::new();
+    for (i, p) in run.iter().enumerate() {
+        let r = one
+            .store()
+            .apply(base + 1 + i as u64, WriteOp::Put(p), leases);
+        singles.push(r.map(|a| {
+            let WriteResponse::Put(resp) = a.response else {
+                panic!("{:?}", a.response)
+            };
+            (resp, a.events)
+        }));
+    }
+
+    let s = f.store();
+    assert_eq!(prepare(&s), base);
+    let items: Vec<(u64, &PutRequest)> = run
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (base + 1 + i as u64, p))
+        .collect();
+    let together = s.apply_puts(&items, leases).unwrap();
+    drop(s);
+    assert_eq!(together.len(), singles.len());
+    for (t, o) in together.iter().zip(&singles) {
+        match (t, o) {
+            (Ok((resp, event)), Ok((r, events))) => {
+                assert_eq!(resp, r);
+                assert_eq!(std::slice::from_ref(event), &events[..]);
+            }
+            (Err(MvccError::LeaseNotFound), Err(MvccError::LeaseNotFound)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let expected = one.store();
+    for reopen in [false, true] {
+        let s = if reopen { f.reopen() } else { f.store() };
+        assert_eq!(s.applied_index(), base + run.len() as u64);
+        assert_eq!(s.current_revision(), expected.current_revision());
+        assert_eq!(s.hash_kv(0).unwrap(), expected.hash_kv(0).unwrap());
+        let all = RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..Default::default()
+        };
+        assert_eq!(
+            s.range(&all).unwrap().kvs,
+            expected.range(&all).unwrap().kvs
+        );
+        assert_eq!(
+            s.events_since(1, 1000).unwrap(),
+            expected.events_since(1, 1000).unwrap()
+        );
+    }
+}
+
 fn rev_of_put(r: &PutResponse) -> i64 {
     r.header.as_ref().unwrap().revision
 }
@@ -1533,6 +1617,7 @@ both_engines!(
     range_limits_and_filters,
     export_then_install_elsewhere,
     failed_install_keeps_the_store,
+    put_run_matches_puts_one_by_one,
 );
 
 #[derive(Debug, Clone)]
