@@ -1,5 +1,6 @@
-//! The store's hot paths: a put (RocksDB, one engine batch), a single-key range and a
-//! 100-key range; plus the start-up cost of rebuilding the key index over 100k keys.
+//! The store's hot paths: a put (RocksDB, one engine batch), a run of puts applied together,
+//! a single-key range and a 100-key range; plus the start-up cost of rebuilding the key index
+//! over 100k keys.
 
 use std::sync::Arc;
 
@@ -37,6 +38,33 @@ fn mvcc(c: &mut Criterion) {
             store.apply(index, WriteOp::Put(&req), &no_leases).unwrap();
         })
     });
+    // A committed batch of 16 plain puts applied as one run (one engine write): the applier's
+    // path under a put load. Throughput counts puts.
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("put_run_16x256b", |b| {
+        let mut i = 0u32;
+        b.iter(|| {
+            let reqs: Vec<PutRequest> = (0..16)
+                .map(|_| {
+                    i += 1;
+                    PutRequest {
+                        key: format!("key/{:06}", i % 1000).into_bytes(),
+                        value: vec![7; 256],
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let run: Vec<(u64, &PutRequest)> = reqs
+                .iter()
+                .map(|r| {
+                    index += 1;
+                    (index, r)
+                })
+                .collect();
+            store.apply_puts(&run, &no_leases).unwrap();
+        })
+    });
+    g.throughput(Throughput::Elements(1));
     g.bench_function("range_single_key", |b| {
         let req = RangeRequest {
             key: b"key/000500".to_vec(),
