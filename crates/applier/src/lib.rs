@@ -85,6 +85,30 @@ pub enum ApplyError {
     Corrupt,
 }
 
+/// What the alarms and the quota say of a request before it is applied.
+enum Admission {
+    Apply,
+    /// Applied all the same, but its proposer is told NOSPACE and the alarm is raised.
+    ApplyOverQuota,
+    /// Consumed without a change (etcd's corrupt and capped appliers).
+    Refuse(ApplyError),
+}
+
+/// Hands an applied entry's outcome to its proposer, if this member holds it.
+fn answer(index: u64, reply: Option<Responder>, outcome: Result<ApplyResponse, ApplyError>) {
+    match reply {
+        // The client may have gone away; its result is applied all the same.
+        Some(reply) => {
+            let _ = reply.send(outcome);
+        }
+        None => {
+            if let Err(e) = outcome {
+                tracing::debug!(index, error = %e, "applied entry failed (no waiting client)");
+            }
+        }
+    }
+}
+
 /// Requests that go through raft, as the api-gateway builds them.
 pub fn encode_request(req: &InternalRaftRequest) -> Vec<u8> {
     req.encode_to_vec()
@@ -319,8 +343,9 @@ impl Applier {
     }
 
     /// Whether the entry is a plain put (no prev_kv, ignore_value or ignore_lease) that
-    /// `apply_payload` would apply as such: no alarm refuses it and it does not find the
-    /// backend over its quota. Such puts are applied together (`apply_put_run`).
+    /// `apply_payload` would apply as such: `apply_request` takes its put branch (none of the
+    /// fields it checks before is set) and the alarms and quota let it through unremarked.
+    /// Such puts are applied together (`apply_put_run`).
     fn joins_put_run(&self, index: u64, req: &InternalRaftRequest) -> bool {
         let Some(p) = &req.put else { return false };
         let other = req.lease_grant.is_some()
@@ -329,18 +354,10 @@ impl Applier {
             || req.lease_checkpoint.is_some()
             || req.member_attr_set.is_some()
             || req.member_update.is_some();
-        if index == 0 || other || p.prev_kv || p.ignore_value || p.ignore_lease {
-            return false;
-        }
-        let Some((alarms, quota)) = &self.alarms else {
-            return true;
-        };
-        let cost = request_cost(req);
-        let refused =
-            alarms.active(AlarmType::Corrupt) || (alarms.active(AlarmType::Nospace) && cost > 0);
-        let over =
-            cost > 0 && quota.limit().is_some() && !quota.available(self.store.db_size(), cost);
-        !(refused || over)
+        index != 0
+            && !other
+            && !(p.prev_kv || p.ignore_value || p.ignore_lease)
+            && matches!(self.admission(req), Admission::Apply)
     }
 
     /// Applies consecutive plain puts with one store write, then answers their proposers in
@@ -362,11 +379,8 @@ impl Applier {
                 let text = e.to_string();
                 tracing::error!(error = %text, "applier: batch of puts not applied");
                 for (entry, _) in run {
-                    if let Some(reply) = entry.reply {
-                        let _ = reply.send(Err(ApplyError::Mvcc(MvccError::Engine(
-                            mvcc_store::EngineError::Other(text.clone()),
-                        ))));
-                    }
+                    let e = MvccError::Engine(mvcc_store::EngineError::Other(text.clone()));
+                    answer(entry.index, entry.reply, Err(e.into()));
                 }
                 return;
             }
@@ -379,17 +393,7 @@ impl Applier {
                 self.publish(revision, events);
                 ApplyResponse::Put(response)
             });
-            match entry.reply {
-                // The client may have gone away; its result is applied all the same.
-                Some(reply) => {
-                    let _ = reply.send(outcome);
-                }
-                None => {
-                    if let Err(e) = outcome {
-                        tracing::debug!(index = entry.index, error = %e, "applied entry failed (no waiting client)");
-                    }
-                }
-            }
+            answer(entry.index, entry.reply, outcome);
         }
     }
 
@@ -409,12 +413,7 @@ impl Applier {
                 "apply request took too long"
             );
         }
-        if let Some(reply) = entry.reply {
-            // The client may have gone away; its result is applied all the same.
-            let _ = reply.send(outcome);
-        } else if let Err(e) = outcome {
-            tracing::debug!(index, error = %e, "applied entry failed (no waiting client)");
-        }
+        answer(index, entry.reply, outcome);
     }
 
     /// `decoded`: the entry's request if the caller has decoded it already.
@@ -454,37 +453,47 @@ impl Applier {
                 reason: e.to_string(),
             })?,
         };
-        let Some((alarms, quota)) = self.alarms.clone() else {
-            return self.apply_request(index, &req);
+        match self.admission(&req) {
+            Admission::Apply => self.apply_request(index, &req),
+            Admission::Refuse(e) => {
+                self.store.apply(index, WriteOp::Noop, &|_| false)?;
+                Err(e)
+            }
+            Admission::ApplyOverQuota => {
+                // The proposer hears of a failed request, not of the quota.
+                self.apply_request(index, &req)?;
+                if let Some((alarms, quota)) = &self.alarms {
+                    tracing::warn!(
+                        quota_size_bytes = quota.gauge(),
+                        "message exceeded backend quota; raising alarm"
+                    );
+                    alarms.report_exceeded();
+                }
+                Err(ApplyError::NoSpace)
+            }
+        }
+    }
+
+    /// What the alarms and the quota say of `req` before it is applied.
+    fn admission(&self, req: &InternalRaftRequest) -> Admission {
+        let Some((alarms, quota)) = &self.alarms else {
+            return Admission::Apply;
         };
-        let cost = request_cost(&req);
+        let cost = request_cost(req);
         // etcd's corrupt and capped appliers: the entry is consumed, nothing changes.
-        let refused = if alarms.active(AlarmType::Corrupt) && writes(&req) {
-            Some(ApplyError::Corrupt)
-        } else if alarms.active(AlarmType::Nospace) && cost > 0 {
-            Some(ApplyError::NoSpace)
-        } else {
-            None
-        };
-        if let Some(e) = refused {
-            self.store.apply(index, WriteOp::Noop, &|_| false)?;
-            return Err(e);
+        if alarms.active(AlarmType::Corrupt) && writes(req) {
+            return Admission::Refuse(ApplyError::Corrupt);
+        }
+        if alarms.active(AlarmType::Nospace) && cost > 0 {
+            return Admission::Refuse(ApplyError::NoSpace);
         }
         // etcd's quota applier: a write that finds the backend over the quota is applied all
         // the same (every member must apply the same log), but its proposer is told NOSPACE
         // and this member raises its alarm.
-        let over =
-            cost > 0 && quota.limit().is_some() && !quota.available(self.store.db_size(), cost);
-        let outcome = self.apply_request(index, &req);
-        if over && outcome.is_ok() {
-            tracing::warn!(
-                quota_size_bytes = quota.gauge(),
-                "message exceeded backend quota; raising alarm"
-            );
-            alarms.report_exceeded();
-            return Err(ApplyError::NoSpace);
+        if cost > 0 && quota.limit().is_some() && !quota.available(self.store.db_size(), cost) {
+            return Admission::ApplyOverQuota;
         }
-        outcome
+        Admission::Apply
     }
 
     fn apply_request(

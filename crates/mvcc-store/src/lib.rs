@@ -554,18 +554,7 @@ impl MvccStore {
                 Some(g) => Some(*g),
                 None => self.shared.state.read().index.latest(&p.key),
             };
-            let (create, version) = match generation {
-                Some(g) => (g.create, g.version + 1),
-                None => (rev, 1),
-            };
-            let kv = KeyValue {
-                key: p.key.clone(),
-                create_revision: create,
-                mod_revision: rev,
-                version,
-                value: p.value.clone(),
-                lease: p.lease,
-            };
+            let kv = write::put_value(&p.key, p.value.clone(), p.lease, generation, rev);
             let at = Rev { main: rev, sub: 0 };
             batch.put(rev_key(at).to_vec(), encode_value(&kv, false));
             written.insert(&p.key, Generation::of(&kv));

@@ -97,18 +97,7 @@ impl<'a> WriteTxn<'a> {
         generation: Option<Generation>,
         prev: Option<KeyValue>,
     ) -> Result<(), MvccError> {
-        let (create, version) = match generation {
-            Some(g) => (g.create, g.version + 1),
-            None => (self.rev(), 1),
-        };
-        let kv = KeyValue {
-            key: key.to_vec(),
-            create_revision: create,
-            mod_revision: self.rev(),
-            version,
-            value,
-            lease,
-        };
+        let kv = put_value(key, value, lease, generation, self.rev());
         let prev = self.before_request(key, &prev);
         self.overlay.insert(key.to_vec(), Some(kv.clone()));
         self.changes.push(Pending {
@@ -454,6 +443,29 @@ impl<'a> WriteTxn<'a> {
             });
         }
         Ok((rev, events))
+    }
+}
+
+/// The value a put at revision `rev` stores, given the key's latest generation (None: the key
+/// has no live value, so the put starts a new one).
+pub(crate) fn put_value(
+    key: &[u8],
+    value: Vec<u8>,
+    lease: i64,
+    generation: Option<Generation>,
+    rev: i64,
+) -> KeyValue {
+    let (create, version) = match generation {
+        Some(g) => (g.create, g.version + 1),
+        None => (rev, 1),
+    };
+    KeyValue {
+        key: key.to_vec(),
+        create_revision: create,
+        mod_revision: rev,
+        version,
+        value,
+        lease,
     }
 }
 
